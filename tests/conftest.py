@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import audio
+from tests.support.daemon import DaemonProcess
+
+
+@pytest.fixture(scope="session")
+def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Short clips of real speech, one per sentence in audio.SENTENCES, plus 'long' (about 2 minutes)."""
+    if not audio.have_tools():
+        pytest.fail("espeak-ng and sox are needed: run `make test`, which installs them")
+    folder = tmp_path_factory.mktemp("speech")
+    clips = {name: audio.speak(text, folder / f"{name}.wav") for name, text in audio.SENTENCES.items()}
+    clips["long"] = audio.long_speech(folder / "long.wav", repeats=4)
+    return clips
+
+
+@pytest.fixture(scope="session")
+def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    """One daemon with two CPU workers for the end-to-end cases that leave it healthy."""
+    daemon = DaemonProcess(
+        tmp_path_factory.mktemp("shared-daemon"),
+        {
+            "daemon": {"socket_mode": 0o666},
+            "scheduler": {"retry_backoff_s": 0.2},
+            "workers": {"cpu_workers": 2},
+        },
+    ).start()
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture
+def idle_daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
+    """A daemon with no workers: every job stays PENDING, which makes queue behaviour deterministic."""
+    daemon = DaemonProcess(
+        tmp_path / "state",
+        {"daemon": {"socket_mode": 0o666, "max_queued_jobs": 5}, "workers": {"cpu_workers": 0}},
+    ).start()
+    yield daemon
+    daemon.stop()

@@ -1,0 +1,5 @@
+import sys
+
+from whisperctl.cli import main
+
+sys.exit(main())

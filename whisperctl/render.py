@@ -1,0 +1,215 @@
+"""Turns protocol objects into text for whisperctl: transcript files and status tables. Pure: no I/O."""
+
+from __future__ import annotations
+
+import math
+import posixpath
+from collections.abc import Callable, Sequence
+
+import msgspec
+
+from whisperd.jobs import JobState
+from whisperd.protocol import DeviceView, JobView, Segment, StatsView, Transcript
+
+FORMATS = ("txt", "srt", "vtt", "tsv", "json")
+
+_GIB = 1024**3
+# Lifecycle order, fixed so the summary line reads the same whatever the daemon happens to report.
+_STATE_ORDER = (
+    JobState.PENDING,
+    JobState.PROCESSING,
+    JobState.RETRYING,
+    JobState.COMPLETED,
+    JobState.FAILED,
+    JobState.CANCELLED,
+)
+
+
+# ---- transcripts --------------------------------------------------------------------------------------
+
+
+def _millis(seconds: float) -> int:
+    # Half-up, not round(): banker's rounding on a float product turns 1.0005 s into 1.000 s.
+    return max(0, math.floor(seconds * 1000.0 + 0.5))
+
+
+def format_timestamp(seconds: float, decimal: str) -> str:
+    """HH:MM:SS<decimal>mmm, rounded to the millisecond; negative times clamp to zero."""
+    ms = _millis(seconds)
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    secs, ms = divmod(ms, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal}{ms:03d}"
+
+
+def _cue_text(segment: Segment) -> str:
+    # "-->" inside a cue would be read as a timing line by subtitle parsers (openai-whisper does the same).
+    return segment.text.strip().replace("-->", "->")
+
+
+def _txt(transcript: Transcript) -> str:
+    return "".join(f"{segment.text.strip()}\n" for segment in transcript.segments)
+
+
+def _srt(transcript: Transcript) -> str:
+    cues = [
+        f"{i}\n{format_timestamp(s.start, ',')} --> {format_timestamp(s.end, ',')}\n{_cue_text(s)}\n"
+        for i, s in enumerate(transcript.segments, start=1)
+    ]
+    return "\n".join(cues)
+
+
+def _vtt(transcript: Transcript) -> str:
+    cues = [
+        f"{format_timestamp(s.start, '.')} --> {format_timestamp(s.end, '.')}\n{_cue_text(s)}\n"
+        for s in transcript.segments
+    ]
+    return "\n".join(["WEBVTT\n", *cues])
+
+
+def _tsv(transcript: Transcript) -> str:
+    # Tabs inside the text would add columns, so they become spaces.
+    rows = [
+        f"{_millis(s.start)}\t{_millis(s.end)}\t{s.text.strip().replace(chr(9), ' ')}\n"
+        for s in transcript.segments
+    ]
+    return "".join(["start\tend\ttext\n", *rows])
+
+
+def _json(transcript: Transcript) -> str:
+    return msgspec.json.format(msgspec.json.encode(transcript), indent=2).decode() + "\n"
+
+
+_WRITERS: dict[str, Callable[[Transcript], str]] = {
+    "txt": _txt,
+    "srt": _srt,
+    "vtt": _vtt,
+    "tsv": _tsv,
+    "json": _json,
+}
+
+
+def format_transcript(transcript: Transcript, fmt: str) -> str:
+    """The transcript as a txt, srt, vtt, tsv or json document, ending with a newline (txt/srt: empty if
+    there are no segments)."""
+    try:
+        writer = _WRITERS[fmt]
+    except KeyError:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}") from None
+    return writer(transcript)
+
+
+# ---- tables -------------------------------------------------------------------------------------------
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    # rstrip: padding the last column only leaves trailing spaces.
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))  # clock skew between daemon and client must not show "-3s"
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _duration(seconds: float) -> str:
+    total = max(0, int(seconds))
+    days, rest = divmod(total, 86_400)
+    hours, rest = divmod(rest, 3_600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h{minutes:02d}m"
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def _progress(progress: float) -> str:
+    # Floor, so a job at 99.6% never reads "100%" while still running.
+    return f"{math.floor(min(max(progress, 0.0), 100.0))}%"
+
+
+def _basename(filename: str) -> str:
+    return posixpath.basename(filename.rstrip("/")) or filename
+
+
+def _gib(n: int) -> str:
+    return f"{n / _GIB:.1f}"
+
+
+def jobs_table(jobs: list[JobView], now: float) -> str:
+    rows = [
+        [
+            str(job.id),
+            str(job.state),
+            _progress(job.progress),
+            job.model,
+            job.device or "-",
+            _age(now - job.created_at),
+            _basename(job.filename),
+        ]
+        for job in jobs
+    ]
+    return _table(["ID", "STATE", "PROGRESS", "MODEL", "DEVICE", "AGE", "FILE"], rows)
+
+
+def devices_table(devices: list[DeviceView]) -> str:
+    rows: list[list[str]] = []
+    for d in devices:
+        used, total = d.memory_used_bytes, d.memory_total_bytes
+        rows.append(
+            [
+                d.name,
+                "yes" if d.healthy else "no",
+                "-" if d.utilization_ratio is None else f"{round(d.utilization_ratio * 100)}%",
+                "-" if used is None or total is None else f"{_gib(used)}/{_gib(total)} GiB",
+                "-" if d.memory_available_bytes is None else f"{_gib(d.memory_available_bytes)} GiB",
+                f"{_gib(d.memory_reserved_bytes)} GiB",
+                "-" if d.temperature_c is None else f"{d.temperature_c:.0f}C",
+                "-" if d.power_w is None else f"{d.power_w:.0f}W",
+                str(d.workers),
+                str(d.running_batches),
+            ]
+        )
+    header = ["DEVICE", "HEALTHY", "UTIL", "MEM USED/TOTAL", "AVAILABLE", "RESERVED", "TEMP", "POWER"]
+    return _table([*header, "WORKERS", "BATCHES"], rows)
+
+
+def stats_text(stats: StatsView) -> str:
+    counts = "  ".join(f"{state} {stats.states.get(state, 0)}" for state in _STATE_ORDER)
+    rtf = "-" if stats.realtime_factor is None else f"{stats.realtime_factor:.1f}x"
+    summary = [
+        f"jobs: {counts}",
+        f"queue depth: {stats.queue_depth}  running: {stats.running_jobs}",
+        f"uptime: {_duration(stats.uptime_s)}",
+        f"audio: {stats.audio_seconds_total:.1f}s  realtime factor: {rtf}",
+    ]
+    rows = [
+        [
+            w.id,
+            w.device,
+            "-" if w.pid is None else str(w.pid),
+            w.state,
+            ",".join(w.models) or "-",
+            ",".join(str(j) for j in w.jobs) or "-",
+            str(w.restarts),
+        ]
+        for w in stats.workers
+    ]
+    workers = _table(["WORKER", "DEVICE", "PID", "STATE", "MODELS", "JOBS", "RESTARTS"], rows)
+    return "\n".join(summary) + "\n\n" + workers
+
+
+def job_event_line(job: JobView) -> str:
+    line = f"job {job.id} {job.state} {_progress(job.progress)} {job.worker or job.device or '-'} {_basename(job.filename)}"
+    return f"{line}: {job.error}" if job.error else line

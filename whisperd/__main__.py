@@ -1,0 +1,5 @@
+import sys
+
+from whisperd.cli import main
+
+sys.exit(main())

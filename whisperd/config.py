@@ -1,0 +1,137 @@
+"""The configuration: one Struct tree decoded once from TOML; unknown keys are refused by name."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+from whisperd.errors import ConfigError
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+Ratio = Annotated[float, msgspec.Meta(ge=0, lt=1)]
+
+GIB = 1024**3
+BUNDLED_MODEL = "bundled:tiny.en"
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class DaemonConfig(_Section):
+    socket_path: str = (
+        ""  # empty: /run/whisperd/whisperd.sock as root, $XDG_RUNTIME_DIR or state dir otherwise
+    )
+    state_dir: str = ""  # empty: /var/lib/whisperd as root, ~/.local/state/whisperd otherwise
+    socket_mode: int = 0o660
+    max_request_bytes: PositiveInt = 1024 * 1024
+    max_audio_bytes: PositiveInt = 4 * GIB
+    max_queued_jobs: PositiveInt = 10_000
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    drain_timeout_s: Positive = 30.0  # on SIGTERM, how long running jobs may finish before they are requeued
+
+
+class SchedulerConfig(_Section):
+    schedule_interval_s: Positive = 2.0  # the seed's BATCH_SCHEDULE_INTERVAL
+    gpu_monitor_interval_s: Positive = 5.0
+    performance_monitor_interval_s: Positive = 30.0
+    batch_timeout_s: Positive = 5.0  # the seed's BATCH_TIMEOUT: longest wait to fill min_batch_size
+    min_batch_size: PositiveInt = 1
+    max_batch_size: PositiveInt = 3
+    memory_safety_margin: Ratio = 0.10  # share of a GPU's total memory left free after a reservation
+    min_free_memory_bytes: NonNegativeInt = 1 * GIB
+    max_retries: NonNegativeInt = 3
+    retry_backoff_s: Positive = 1.0  # doubled at each retry
+    retry_backoff_max_s: Positive = 60.0
+
+
+class WorkersConfig(_Section):
+    cpu_workers: Annotated[int, msgspec.Meta(ge=-1)] = -1  # -1: one per core; 0: none
+    cpu_threads: PositiveInt = 1  # measured: N single-thread workers beat one N-thread worker
+    cpu_compute_type: str = "int8"
+    restart_backoff_s: Positive = 0.5
+    restart_backoff_max_s: Positive = 30.0
+    cancel_grace_s: Positive = 2.0  # a running job that ignores cancel this long has its worker killed
+    start_timeout_s: Positive = 120.0
+    max_models_per_worker: PositiveInt = 2
+
+
+class TranscribeConfig(_Section):
+    default_model: str = "tiny.en"
+    beam_size: PositiveInt = 5
+    vad_filter: bool = False
+
+
+class Config(_Section):
+    daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
+    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
+    workers: WorkersConfig = msgspec.field(default_factory=WorkersConfig)
+    transcribe: TranscribeConfig = msgspec.field(default_factory=TranscribeConfig)
+    # Model name users pass with --model -> faster-whisper model name or a local CTranslate2 directory.
+    models: dict[str, str] = msgspec.field(default_factory=lambda: {"tiny.en": BUNDLED_MODEL})
+
+    def __post_init__(self) -> None:
+        if self.scheduler.min_batch_size > self.scheduler.max_batch_size:
+            raise msgspec.ValidationError("scheduler.min_batch_size must not exceed max_batch_size")
+        if self.transcribe.default_model not in self.models:
+            raise msgspec.ValidationError(
+                f"transcribe.default_model {self.transcribe.default_model!r} is not a key of [models]"
+            )
+
+
+def default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/whisperd")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "whisperd"
+
+
+def default_socket_path() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/whisperd/whisperd.sock")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "whisperd" / "whisperd.sock"
+    return default_state_dir() / "whisperd.sock"
+
+
+def resolve_socket_path(configured: str = "") -> Path:
+    """The socket path for daemon and client alike: WHISPERD_SOCKET, then the config, then the default."""
+    return Path(os.environ.get("WHISPERD_SOCKET") or configured or default_socket_path())
+
+
+def resolve_state_dir(configured: str = "") -> Path:
+    return Path(os.environ.get("WHISPERD_STATE_DIR") or configured or default_state_dir())
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    try:
+        return msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        # msgspec names the offending key, e.g. "Object contains unknown field `x` - at `$.daemon`".
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def load_config(path: Path | None) -> Config:
+    """Decode the file once; the environment overrides socket and state paths."""
+    if path is None:
+        config = Config()
+    else:
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+        config = parse_config(text, str(path))
+    config.daemon.socket_path = str(resolve_socket_path(config.daemon.socket_path))
+    config.daemon.state_dir = str(resolve_state_dir(config.daemon.state_dir))
+    return config

@@ -1,0 +1,186 @@
+"""One handle per worker process: spawn, read its messages, notice its death at once, restart with backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+import msgspec
+
+from whisperd import workerproto as wp
+
+log = logging.getLogger("whisperd.workers")
+
+Spawner = Callable[..., Awaitable[asyncio.subprocess.Process]]
+
+
+class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
+    id: str  # "cpu0", "cuda:1/0"
+    device: str  # "cpu" or "cuda:N"
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+
+
+class Batch(msgspec.Struct, kw_only=True):
+    id: int
+    job_ids: list[int]
+    model: str
+    started_job: int | None = None  # the job the worker is transcribing now
+    done_jobs: set[int] = msgspec.field(default_factory=set)
+
+
+def worker_argv(
+    device: str, compute_type: str, cpu_threads: int, max_models: int, preload: tuple[str, str] | None
+) -> tuple[str, ...]:
+    argv: tuple[str, ...] = (
+        sys.executable, "-m", "whisperd.worker_main",
+        "--device", device, "--compute-type", compute_type,
+        "--cpu-threads", str(cpu_threads), "--max-models", str(max_models),
+    )  # fmt: skip
+    if preload is not None:
+        argv += ("--preload", "=".join(preload))
+    return argv
+
+
+class WorkerHandle:
+    """Owns one worker process across its restarts. Messages and deaths go to the daemon's callbacks."""
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        on_message: Callable[[WorkerHandle, wp.FromWorker], None],
+        on_exit: Callable[[WorkerHandle, Batch | None, int], None],
+        restart_backoff_s: float,
+        restart_backoff_max_s: float,
+        spawner: Spawner = asyncio.create_subprocess_exec,
+    ) -> None:
+        self.spec = spec
+        self._on_message = on_message
+        self._on_exit = on_exit
+        self._backoff_s = restart_backoff_s
+        self._backoff_max_s = restart_backoff_max_s
+        self._spawner = spawner
+        self._proc: asyncio.subprocess.Process | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.ready = asyncio.Event()
+        self.batch: Batch | None = None
+        self.models: set[str] = set()
+        self.restarts = 0
+        self.cancel_deadline: float | None = None
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def idle(self) -> bool:
+        return self.ready.is_set() and self.batch is None and not self._stopping
+
+    @property
+    def state(self) -> str:
+        if self._stopping:
+            return "stopped"
+        if not self.ready.is_set():
+            return "starting"
+        return "busy" if self.batch else "idle"
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"worker-{self.id}")
+
+    async def _run(self) -> None:
+        backoff = self._backoff_s
+        while not self._stopping:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            returncode = await self._run_once()
+            if self._stopping:
+                break
+            batch, self.batch = self.batch, None
+            self.ready.clear()
+            self.models.clear()
+            self.cancel_deadline = None
+            self._on_exit(self, batch, returncode)
+            if loop.time() - started > 60:
+                backoff = self._backoff_s  # it ran for a while: the crash was not a start-up loop
+            self.restarts += 1
+            log.warning("worker %s exited with %s; restarting in %.1fs", self.id, returncode, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(self._backoff_max_s, backoff * 2)
+
+    async def _run_once(self) -> int:
+        env = {**os.environ, **self.spec.env}
+        try:
+            self._proc = await self._spawner(
+                *self.spec.argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                env=env,
+                limit=64 * 1024 * 1024,  # a transcript of hours arrives as one line
+            )
+        except OSError as exc:
+            log.error("cannot start worker %s: %s", self.id, exc)
+            return -1
+        assert self._proc.stdout is not None
+        log.info(
+            "worker %s started (pid %d)",
+            self.id,
+            self._proc.pid,
+            extra={"DEVICE": self.spec.device, "WORKER": self.id},
+        )
+        while line := await self._proc.stdout.readline():
+            try:
+                message = wp.from_worker_decoder.decode(line)
+            except msgspec.MsgspecError:
+                log.error("worker %s sent an undecodable line: %.200r", self.id, line)
+                continue
+            if isinstance(message, wp.Ready):
+                self.models = set(message.models)
+                self.ready.set()
+            self._on_message(self, message)
+        return await self._proc.wait()
+
+    def _write(self, message: wp.ToWorker) -> None:
+        if self._proc is None or self._proc.stdin is None:
+            return
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            self._proc.stdin.write(wp.encode(message))
+
+    def run_batch(self, batch: Batch, specs: Sequence[wp.JobSpec]) -> None:
+        self.batch = batch
+        self._write(wp.RunBatch(batch_id=batch.id, jobs=list(specs)))
+
+    def cancel(self, job_id: int, deadline: float) -> None:
+        self.cancel_deadline = deadline
+        self._write(wp.CancelJob(job_id=job_id))
+
+    def kill(self) -> None:
+        """The death is then noticed and handled like any other (on_exit, restart)."""
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signal.SIGKILL)
+
+    async def stop(self, timeout_s: float) -> None:
+        """Close stdin so the worker finishes its batch (its results still arrive) and exits; kill it if it
+        takes longer than timeout_s."""
+        self._stopping = True
+        proc, task = self._proc, self._task
+        if proc is not None and proc.returncode is None and proc.stdin is not None:
+            proc.stdin.close()
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        except TimeoutError:
+            self.kill()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,92 @@
+"""Messages between the daemon and its worker processes: msgspec JSON lines over the worker's pipes."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from whisperd.protocol import Task, Transcript
+
+
+class JobSpec(msgspec.Struct, kw_only=True):
+    job_id: int
+    audio_path: str
+    model: str  # the name users know
+    model_source: str  # what faster-whisper loads: a name, a directory, or "bundled:tiny.en"
+    language: str | None
+    task: Task
+    word_timestamps: bool
+    beam_size: int
+    vad_filter: bool
+
+
+# daemon -> worker
+
+
+class RunBatch(msgspec.Struct, tag="run_batch", kw_only=True):
+    batch_id: int
+    jobs: list[JobSpec]
+
+
+class CancelJob(msgspec.Struct, tag="cancel_job", kw_only=True):
+    job_id: int
+
+
+ToWorker = RunBatch | CancelJob
+
+# worker -> daemon
+
+FailureKind = Literal["fatal", "retryable", "oom", "cancelled"]
+
+
+class Ready(msgspec.Struct, tag="ready", kw_only=True):
+    pid: int
+    models: list[str]  # already loaded
+
+
+class Started(msgspec.Struct, tag="started", kw_only=True):
+    job_id: int
+
+
+class Progress(msgspec.Struct, tag="progress", kw_only=True):
+    job_id: int
+    progress: float
+    audio_duration_s: float
+
+
+class Finished(msgspec.Struct, tag="finished", kw_only=True):
+    job_id: int
+    transcript: Transcript
+    processing_s: float
+
+
+class Failed(msgspec.Struct, tag="failed", kw_only=True):
+    job_id: int
+    kind: FailureKind
+    error: str
+
+
+class BatchDone(msgspec.Struct, tag="batch_done", kw_only=True):
+    batch_id: int
+    models: list[str]  # loaded now, after any unloading
+
+
+FromWorker = Ready | Started | Progress | Finished | Failed | BatchDone
+
+to_worker_decoder = msgspec.json.Decoder(ToWorker)
+from_worker_decoder = msgspec.json.Decoder(FromWorker)
+
+
+def _numpy_scalars(obj: object) -> object:
+    """faster-whisper hands back numpy floats in places (word timestamps): send them as plain floats."""
+    if hasattr(obj, "__float__"):
+        return float(obj)  # type: ignore[arg-type,unused-ignore]
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+_encoder = msgspec.json.Encoder(enc_hook=_numpy_scalars)
+
+
+def encode(message: ToWorker | FromWorker) -> bytes:
+    return _encoder.encode(message) + b"\n"
