@@ -11,12 +11,14 @@ from tests.support.daemon import DaemonProcess
 
 @pytest.fixture(scope="session")
 def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Short clips of real speech, one per sentence in audio.SENTENCES, plus 'long' (about 2 minutes)."""
+    """Short clips of real speech, one per sentence in audio.SENTENCES, plus 'medium' (about 23 s) and
+    'long' (about 3 minutes: seconds of work even for tiny.en, so a test can act while it runs)."""
     if not audio.have_tools():
         pytest.fail("espeak-ng and sox are needed: run `make test`, which installs them")
     folder = tmp_path_factory.mktemp("speech")
     clips = {name: audio.speak(text, folder / f"{name}.wav") for name, text in audio.SENTENCES.items()}
-    clips["long"] = audio.long_speech(folder / "long.wav", repeats=4)
+    clips["medium"] = audio.long_speech(folder / "medium.wav", repeats=1)
+    clips["long"] = audio.long_speech(folder / "long.wav", repeats=8)
     return clips
 
 

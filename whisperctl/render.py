@@ -211,5 +211,6 @@ def stats_text(stats: StatsView) -> str:
 
 
 def job_event_line(job: JobView) -> str:
-    line = f"job {job.id} {job.state} {_progress(job.progress)} {job.worker or job.device or '-'} {_basename(job.filename)}"
+    where = job.worker or job.device or "-"
+    line = f"job {job.id} {job.state} {_progress(job.progress)} {where} {_basename(job.filename)}"
     return f"{line}: {job.error}" if job.error else line

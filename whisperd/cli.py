@@ -45,20 +45,19 @@ async def serve(config_path: Path | None, log_level: str | None) -> int:
         lambda: [p.DeviceSnapshot(devices=daemon.device_views()), p.SystemSnapshot(stats=daemon.stats())],
         config.daemon.max_request_bytes,
     )
+    socket_path = Path(config.daemon.socket_path)
+    sock = bind_socket(socket_path, config.daemon.socket_mode)  # refuses if another daemon answers there
     try:
-        sock = bind_socket(Path(config.daemon.socket_path), config.daemon.socket_mode)
         await daemon.start()
         await server.start(sock)
-        log.info("whisperd %s ready on %s (state in %s)", __version__, config.daemon.socket_path, state_dir)
+        log.info("whisperd %s ready on %s (state in %s)", __version__, socket_path, state_dir)
         await daemon.run_until_stopped()
         await server.stop_accepting()
         await daemon.drain(config.daemon.drain_timeout_s)
     finally:
         await server.close()
         store.close()
-        with_socket = Path(config.daemon.socket_path)
-        if with_socket.is_socket():
-            with_socket.unlink(missing_ok=True)
+        socket_path.unlink(missing_ok=True)
     log.info("whisperd stopped")
     return 0
 

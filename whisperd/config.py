@@ -57,7 +57,9 @@ class WorkersConfig(_Section):
     cpu_compute_type: str = "int8"
     restart_backoff_s: Positive = 0.5
     restart_backoff_max_s: Positive = 30.0
-    cancel_grace_s: Positive = 2.0  # a running job that ignores cancel this long has its worker killed
+    # A cancelled job stops at the next decoding window (about 3 s of CPU for tiny.en on one thread); a
+    # worker that has not stopped it after this long is killed and restarted.
+    cancel_grace_s: Positive = 5.0
     start_timeout_s: Positive = 120.0
     max_models_per_worker: PositiveInt = 2
 

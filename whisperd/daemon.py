@@ -227,6 +227,8 @@ class Daemon:
                 batch.done_jobs.add(message.job_id)
                 handle.cancel_deadline = None
             if job is None:
+                if isinstance(message, wp.Failed) and message.kind == "cancelled":
+                    log.info("worker %s stopped cancelled job %d", handle.id, message.job_id)
                 return
             if isinstance(message, wp.Progress):
                 self.registry.set_progress(job, message.progress, message.audio_duration_s)

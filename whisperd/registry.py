@@ -129,17 +129,15 @@ class JobRegistry:
             job.progress, job.not_before = 0.0, None
         elif new is JobState.RETRYING:
             job.not_before = now + retry_delay_s(retries, self._backoff_s, self._backoff_max_s)
+        spool: str | None = None
         if new.terminal:
             job.finished_at = now
             if new is JobState.COMPLETED:
                 job.progress = 100.0
-            self._store.discard_spool(job.spool_path)
-            job.spool_path = None
-        if new is JobState.COMPLETED and transcript is not None:
-            self._store.complete(job, transcript)
-        else:
-            self._store.update(job)
+            spool, job.spool_path = job.spool_path, None
+        self._store.save_transition(job, old, event.value, transcript)
         if new.terminal:
+            self._store.discard_spool(spool)  # only once the commit no longer needs it
             self._live.pop(job.id, None)
             self._terminal_counts[new.value] += 1
         level = logging.WARNING if new in (JobState.FAILED, JobState.RETRYING) else logging.INFO

@@ -45,6 +45,17 @@ CREATE TABLE IF NOT EXISTS jobs (
     transcript BLOB
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+-- Every transition of every job, for operators and for proving that nothing ran twice.
+CREATE TABLE IF NOT EXISTS job_events (
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    at REAL NOT NULL,
+    from_state TEXT,
+    to_state TEXT NOT NULL,
+    event TEXT NOT NULL,
+    worker TEXT,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS job_events_job ON job_events(job_id);
 """
 
 _COLUMNS = [
@@ -227,7 +238,9 @@ class Store:
                         now,
                     ),
                 )
-                records.append(_record(cursor.fetchone()))
+                record = _record(cursor.fetchone())
+                self._add_event(record, None, "submit")
+                records.append(record)
             self._db.execute("COMMIT")
         except sqlite3.OperationalError as exc:
             self._db.execute("ROLLBACK")
@@ -236,19 +249,38 @@ class Store:
             raise
         return records
 
-    def update(self, job: JobRecord) -> None:
+    def save_transition(
+        self, job: JobRecord, from_state: JobState, event: str, transcript: Transcript | None = None
+    ) -> None:
+        """The job's new state, its history row and any result land in one commit."""
         assignments = ", ".join(f"{c} = ?" for c in _MUTABLE)
         values = [getattr(job, c) for c in _MUTABLE]
-        self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", [*values, job.id])
-
-    def complete(self, job: JobRecord, transcript: Transcript) -> None:
-        """The result and the COMPLETED state land in one commit."""
         self._db.execute("BEGIN IMMEDIATE")
-        self.update(job)
+        try:
+            self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", [*values, job.id])
+            if transcript is not None:
+                encoded = msgspec.json.encode(transcript)
+                self._db.execute("UPDATE jobs SET transcript = ? WHERE id = ?", (encoded, job.id))
+            self._add_event(job, from_state.value, event)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def _add_event(self, job: JobRecord, from_state: str | None, event: str) -> None:
         self._db.execute(
-            "UPDATE jobs SET transcript = ? WHERE id = ?", (msgspec.json.encode(transcript), job.id)
+            "INSERT INTO job_events (job_id, at, from_state, to_state, event, worker, error)"
+            " VALUES (?,?,?,?,?,?,?)",
+            (job.id, job.updated_at, from_state, job.state.value, event, job.worker, job.error),
         )
-        self._db.execute("COMMIT")
+
+    def history(self, job_id: int) -> list[tuple[float, str | None, str, str, str | None, str | None]]:
+        rows = self._db.execute(
+            "SELECT at, from_state, to_state, event, worker, error FROM job_events"
+            " WHERE job_id = ? ORDER BY rowid",
+            (job_id,),
+        ).fetchall()
+        return [tuple(r) for r in rows]
 
     def get(self, job_id: int) -> JobRecord | None:
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()

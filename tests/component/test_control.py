@@ -1,0 +1,205 @@
+"""The control socket of a real whisperd with no workers (so every job stays PENDING): framing, bad input,
+the queue limit, cancel, permissions by SO_PEERCRED, and durability across restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.daemon import DaemonProcess
+from whisperctl.client import RemoteError
+from whisperd.jobs import JobState
+
+NOBODY = 65534
+
+
+def raw(daemon: DaemonProcess, *lines: bytes) -> list[dict[str, Any]]:
+    """Send raw bytes as socat would and read one reply per line sent."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(daemon.socket))
+        replies: list[dict[str, Any]] = []
+        buffer = b""
+        for line in lines:
+            sock.sendall(line)
+            while b"\n" not in buffer:
+                chunk = sock.recv(65536)
+                assert chunk, "daemon closed the connection"
+                buffer += chunk
+            reply, _, buffer = buffer.partition(b"\n")
+            replies.append(json.loads(reply))
+        return replies
+
+
+def as_user(uid: int, action: Callable[[], object]) -> Any:
+    """Run action in a forked child that has dropped to uid; return its result or its error code."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: no exec, so the test's imports (and the venv behind /root) stay usable
+        os.close(read_end)
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            try:
+                result: Any = {"ok": action()}
+            except RemoteError as exc:
+                result = {"error": exc.code, "message": exc.message}
+            os.write(write_end, json.dumps(result, default=str).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+def audio_file(daemon: DaemonProcess, speech: dict[str, Path], name: str = "fox") -> Path:
+    """A copy of a clip that any user may read."""
+    path = daemon.socket.parent / f"{name}.wav"
+    shutil.copy(speech[name], path)
+    path.chmod(0o644)
+    return path
+
+
+def test_ping_from_a_raw_line(idle_daemon: DaemonProcess) -> None:
+    [pong] = raw(idle_daemon, b'{"op": "ping"}\n')
+    assert pong["ok"] is True and pong["reply"] == "pong" and pong["protocol"] == 1
+
+
+@pytest.mark.parametrize(
+    ("line", "code"),
+    [
+        (b"{not json\n", "bad_request"),
+        (b'{"op": "reboot"}\n', "unknown_op"),
+        (b'{"no_op": 1}\n', "unknown_op"),
+        (b'{"op": "status", "ids": "seven"}\n', "bad_request"),
+        (b'{"op": "status", "colour": "red"}\n', "bad_request"),
+        (b'{"op": "status", "limit": 0}\n', "bad_request"),
+        (b'{"op": "submit", "files": [{"name": "x", "fd_index": 0}]}\n', "bad_request"),
+        (b'{"op": "result", "id": 999}\n', "not_found"),
+    ],
+)
+def test_bad_requests_get_an_error_and_the_connection_goes_on(
+    idle_daemon: DaemonProcess, line: bytes, code: str
+) -> None:
+    error, pong = raw(idle_daemon, line, b'{"op": "ping"}\n')
+    assert error["ok"] is False and error["error"]["code"] == code and error["error"]["message"]
+    assert pong["reply"] == "pong"
+
+
+def test_an_oversized_request_is_refused_and_the_daemon_serves_on(idle_daemon: DaemonProcess) -> None:
+    huge = b'{"op": "status", "ids": [' + b"1," * 600_000 + b"1]}\n"
+    [error] = raw(idle_daemon, huge)
+    assert error["error"]["code"] == "request_too_large"
+    assert idle_daemon.client.ping().protocol == 1
+
+
+def test_the_queue_limit_refuses_more_and_keeps_what_it_has(
+    idle_daemon: DaemonProcess, speech: dict[str, Path]
+) -> None:
+    jobs = idle_daemon.client.submit([str(speech["fox"])] * 5)  # the limit is 5
+    with pytest.raises(RemoteError) as refused:
+        idle_daemon.client.submit([str(speech["fox"])])
+    assert refused.value.code == "queue_full" and "limit of 5" in refused.value.message
+    assert [j.state for j in idle_daemon.client.status([j.id for j in jobs])] == [JobState.PENDING] * 5
+    idle_daemon.client.cancel([jobs[0].id])
+    assert len(idle_daemon.client.submit([str(speech["fox"])])) == 1, "room again after a cancel"
+
+
+def test_cancel_a_pending_job_and_its_history(idle_daemon: DaemonProcess, speech: dict[str, Path]) -> None:
+    [job] = idle_daemon.client.submit([str(speech["fox"])])
+    out = idle_daemon.ctl("cancel", str(job.id))
+    assert out.returncode == 0 and f"job {job.id} CANCELLED" in out.stdout
+    final = idle_daemon.job(job.id)
+    assert final.state is JobState.CANCELLED and final.started_at is None and final.finished_at is not None
+    with sqlite3.connect(idle_daemon.state_dir / "jobs.sqlite3") as db:
+        events = db.execute("SELECT from_state, to_state, event FROM job_events WHERE job_id = ?", (job.id,))
+        assert list(events) == [(None, "PENDING", "submit"), ("PENDING", "CANCELLED", "cancel")]
+    assert list((idle_daemon.state_dir / "spool").iterdir()) == [], "a cancelled job's audio is dropped"
+    missing = idle_daemon.ctl("cancel", "4242")
+    assert missing.returncode == 2 and "no job 4242" in missing.stderr
+
+
+def test_status_selects_by_ids_state_and_limit(idle_daemon: DaemonProcess, speech: dict[str, Path]) -> None:
+    a, b, c = idle_daemon.client.submit([str(speech["fox"])] * 3)
+    idle_daemon.client.cancel([b.id])
+    client = idle_daemon.client
+    assert [j.id for j in client.status([c.id, a.id])] == [c.id, a.id]
+    assert [j.id for j in client.status([a.id, b.id], state="CANCELLED")] == [b.id]
+    assert [j.id for j in client.status(state="PENDING")] == [a.id, c.id]
+    assert [j.id for j in client.status(limit=2)] == [b.id, c.id]
+    with pytest.raises(RemoteError, match="no job 99"):
+        client.status([a.id, 99])
+
+
+def test_another_user_sees_the_queue_but_cannot_touch_other_jobs(
+    idle_daemon: DaemonProcess, speech: dict[str, Path]
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user")
+    clip = audio_file(idle_daemon, speech)
+    [mine] = idle_daemon.client.submit([str(clip)])
+    client = idle_daemon.client
+    seen = as_user(NOBODY, lambda: [j.id for j in client.status()])
+    assert seen == {"ok": [mine.id]}
+    assert as_user(NOBODY, lambda: client.cancel([mine.id]).errors[0].code) == {"ok": "permission_denied"}
+    assert as_user(NOBODY, lambda: client.result(mine.id))["error"] == "permission_denied"
+    by_path = as_user(NOBODY, lambda: client.request(
+        __import__("whisperd.protocol").protocol.Submit(
+            files=[__import__("whisperd.protocol").protocol.SubmitFile(name="x", path=str(clip))]
+        ), object,  # type: ignore[arg-type]
+    ))  # fmt: skip
+    assert by_path["error"] == "permission_denied"
+    theirs = as_user(NOBODY, lambda: [j.id for j in client.submit([str(clip)])])["ok"]
+    assert idle_daemon.job(theirs[0]).owner_uid == NOBODY
+    assert as_user(NOBODY, lambda: [j.state for j in client.cancel(theirs).jobs]) == {"ok": ["CANCELLED"]}
+    assert idle_daemon.job(mine.id).state is JobState.PENDING
+    assert client.cancel([mine.id]).jobs[0].state is JobState.CANCELLED, "root may cancel"
+
+
+def test_root_may_submit_by_path(idle_daemon: DaemonProcess, speech: dict[str, Path]) -> None:
+    from whisperd import protocol as p
+
+    reply = idle_daemon.client.request(
+        p.Submit(files=[p.SubmitFile(name="by-path", path=str(speech["fox"]))]), p.Jobs
+    )
+    assert reply.jobs[0].filename == "by-path" and reply.jobs[0].state is JobState.PENDING
+    with pytest.raises(RemoteError, match="no such file"):
+        idle_daemon.client.request(p.Submit(files=[p.SubmitFile(name="x", path="/nonexistent.wav")]), p.Jobs)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
+def test_queued_jobs_survive_a_restart(tmp_path: Path, speech: dict[str, Path], sig: int) -> None:
+    config = {"workers": {"cpu_workers": 0}}
+    daemon = DaemonProcess(tmp_path / "state", config).start()
+    jobs = daemon.client.submit([str(speech["fox"]), str(speech["weather"])], priority=3)
+    daemon.stop(sig)
+    again = DaemonProcess(tmp_path / "state", config)
+    again.socket = daemon.socket  # the same socket path: a stale one left by kill -9 is replaced
+    again.client = daemon.client
+    again.start()
+    try:
+        after = again.client.status([j.id for j in jobs])
+        assert [(j.id, j.state, j.priority) for j in after] == [(j.id, JobState.PENDING, 3) for j in jobs]
+        assert len(list((tmp_path / "state" / "spool").iterdir())) == 2
+    finally:
+        again.stop()
+
+
+def test_a_second_daemon_on_the_same_socket_is_refused(idle_daemon: DaemonProcess, tmp_path: Path) -> None:
+    second = DaemonProcess(tmp_path / "other", {"workers": {"cpu_workers": 0}})
+    second.socket = idle_daemon.socket
+    with pytest.raises(RuntimeError, match="already listening"):
+        second.start(timeout_s=30)
+    assert idle_daemon.client.ping().protocol == 1
