@@ -73,7 +73,8 @@ class Connection:
 
 class Client:
     def __init__(self, socket_path: str | None = None, timeout_s: float | None = 600.0) -> None:
-        self.path = resolve_socket_path(socket_path or "")
+        # --socket beats WHISPERD_SOCKET, which beats the default
+        self.path = Path(socket_path) if socket_path else resolve_socket_path()
         self.timeout_s = timeout_s
 
     def request(self, request: p.Request, expect: type[R], fds: Sequence[int] = ()) -> R:

@@ -37,7 +37,7 @@ async def serve(config_path: Path | None, log_level: str | None) -> int:
     state_dir = Path(config.daemon.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     store = Store(state_dir)
-    daemon = Daemon(config, store, NvmlProbe())
+    daemon = Daemon(config, store, NvmlProbe(exclude=frozenset(config.gpu.exclude)))
     daemon.install_signal_handlers()
     server = ControlServer(
         Handlers(daemon),

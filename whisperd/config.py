@@ -51,8 +51,22 @@ class SchedulerConfig(_Section):
     retry_backoff_max_s: Positive = 60.0
 
 
+class GpuConfig(_Section):
+    enabled: bool = True  # false: never touch NVML or CUDA
+    exclude: list[Annotated[int, msgspec.Meta(ge=0)]] = []  # NVML indices whisperd leaves alone
+    workers_per_gpu: PositiveInt = 1
+    compute_type: str = "float16"
+    # "cuda" on real GPUs. "cpu" keeps everything per GPU (pinning, memory accounting, placement) but
+    # runs each GPU worker's model on the CPU: for rehearsals and tests on machines without CUDA.
+    worker_device: Literal["cuda", "cpu"] = "cuda"
+    # GPU memory a batch reserves, by model name; models not named here use built-in estimates by size
+    # (tiny .. large-v3, for float16 or int8), raised after each out-of-memory error.
+    model_memory_bytes: dict[str, Annotated[int, msgspec.Meta(gt=0)]] = {}
+
+
 class WorkersConfig(_Section):
-    cpu_workers: Annotated[int, msgspec.Meta(ge=-1)] = -1  # -1: one per core; 0: none
+    # -1: automatic: one per core when no GPU worker runs, none when GPUs do; 0: none.
+    cpu_workers: Annotated[int, msgspec.Meta(ge=-1)] = -1
     cpu_threads: PositiveInt = 1  # measured: N single-thread workers beat one N-thread worker
     cpu_compute_type: str = "int8"
     restart_backoff_s: Positive = 0.5
@@ -74,6 +88,7 @@ class Config(_Section):
     daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
     workers: WorkersConfig = msgspec.field(default_factory=WorkersConfig)
+    gpu: GpuConfig = msgspec.field(default_factory=GpuConfig)
     transcribe: TranscribeConfig = msgspec.field(default_factory=TranscribeConfig)
     # Model name users pass with --model -> faster-whisper model name or a local CTranslate2 directory.
     models: dict[str, str] = msgspec.field(default_factory=lambda: {"tiny.en": BUNDLED_MODEL})

@@ -11,16 +11,19 @@ import signal
 import time
 from collections.abc import Callable
 
+import msgspec
+
 from whisperd import workerproto as wp
 from whisperd.config import Config
-from whisperd.gpupool import CPU, DevicePool
-from whisperd.gpuprobe import NullProbe, NvmlProbe
+from whisperd.fleet import model_memory_bytes, worker_specs
+from whisperd.gpupool import CPU, DevicePool, gpu_name
+from whisperd.gpuprobe import GpuReading, NullProbe, NvmlProbe
 from whisperd.jobs import JobEvent, JobState
 from whisperd.protocol import DeviceSnapshot, DeviceView, JobEventReply, StatsView, SystemSnapshot, WorkerView
 from whisperd.registry import JobRegistry
 from whisperd.scheduling import PlanSettings, QueuedJob, WorkerSlot, plan
 from whisperd.store import JobRecord, Store
-from whisperd.supervisor import Batch, Spawner, WorkerHandle, WorkerSpec, worker_argv
+from whisperd.supervisor import Batch, Spawner, WorkerHandle
 from whisperd.watchers import Watchers
 
 log = logging.getLogger("whisperd")
@@ -43,13 +46,14 @@ class Daemon:
         self.registry = JobRegistry(
             store, clock, sched.max_retries, sched.retry_backoff_s, sched.retry_backoff_max_s
         )
-        self.pool = DevicePool(cpu=self._cpu_worker_count() > 0)
+        self.pool = DevicePool(cpu=False)  # set up in start(), once the GPUs are known
         self.settings = PlanSettings(
             min_batch_size=sched.min_batch_size,
             max_batch_size=sched.max_batch_size,
             batch_timeout_s=sched.batch_timeout_s,
             min_free_memory_bytes=sched.min_free_memory_bytes,
             memory_safety_margin=sched.memory_safety_margin,
+            model_memory_bytes=model_memory_bytes(config),
         )
         self.watchers = Watchers()
         self.registry.subscribe(lambda view: self.watchers.publish(JobEventReply(job=view)))
@@ -60,33 +64,29 @@ class Daemon:
         self._stop = asyncio.Event()
         self.draining = False
         self._next_batch_id = 1
-        self._killed_for_cancel: set[str] = set()
+        self._kill_reasons: dict[str, str] = {}  # worker id -> why we killed it
+        self._avoid_devices: dict[int, frozenset[str]] = {}  # job id -> devices it ran out of memory on
+        self._unhealthy: set[str] = set()
+        self.oom_events = 0
         self.started_at = clock()
         self.audio_seconds_total = 0.0
         self.processing_seconds_total = 0.0
 
     # ---- set-up --------------------------------------------------------------------------------------
 
-    def _cpu_worker_count(self) -> int:
-        n = self.config.workers.cpu_workers
-        return os.cpu_count() or 1 if n < 0 else n
-
-    def _worker_specs(self) -> list[WorkerSpec]:
-        w = self.config.workers
-        default = self.config.transcribe.default_model
-        preload = (default, self.config.models[default])
-        argv = worker_argv("cpu", w.cpu_compute_type, w.cpu_threads, w.max_models_per_worker, preload)
-        env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(w.cpu_threads)}
-        return [
-            WorkerSpec(id=f"cpu{i}", device=CPU, argv=argv, env=env) for i in range(self._cpu_worker_count())
-        ]
-
     async def start(self) -> None:
         """Recover the queue, read the devices, start the workers and wait until they are up."""
         self.registry.recover()
-        if self.probe.start():
-            self.pool.update(await asyncio.to_thread(self.probe.read))
-        for spec in self._worker_specs():
+        readings = []
+        if self.config.gpu.enabled and self.probe.start():
+            readings = await asyncio.to_thread(self.probe.read)
+            log.info("NVML driver %s: %s", self.probe.driver_version,
+                     ", ".join(f"cuda:{r.index} {r.name}" for r in readings) or "no GPUs")  # fmt: skip
+        specs = worker_specs(self.config, readings, os.cpu_count() or 1)
+        self.pool = DevicePool(cpu=any(s.device == CPU for s in specs))
+        self.pool.update(readings)
+        self._unhealthy = {gpu_name(r.index) for r in readings if not r.healthy}
+        for spec in specs:
             w = self.config.workers
             handle = WorkerHandle(
                 spec, self._on_worker_message, self._on_worker_exit,
@@ -153,7 +153,14 @@ class Daemon:
         pending = [j for j in self.registry.live() if j.state is JobState.PENDING]
         if pending:
             queue = [
-                QueuedJob(id=j.id, model=j.model, priority=j.priority, queued_at=j.queued_at) for j in pending
+                QueuedJob(
+                    id=j.id,
+                    model=j.model,
+                    priority=j.priority,
+                    queued_at=j.queued_at,
+                    avoid_devices=self._avoid_devices.get(j.id, frozenset()),
+                )
+                for j in pending
             ]
             slots = [
                 WorkerSlot(id=h.id, device=h.spec.device, idle=h.idle, models=tuple(sorted(h.models)))
@@ -195,9 +202,13 @@ class Daemon:
         for handle in self.workers.values():
             if handle.cancel_deadline is not None and handle.cancel_deadline <= now:
                 log.warning("worker %s did not stop a cancelled job in time: killing it", handle.id)
-                self._killed_for_cancel.add(handle.id)
                 handle.cancel_deadline = None
-                handle.kill()
+                self._kill(handle, "cancel")
+
+    def _kill(self, handle: WorkerHandle, reason: str) -> None:
+        """Kill a worker through no fault of its running job: on_exit then requeues that job unharmed."""
+        self._kill_reasons[handle.id] = reason
+        handle.kill()
 
     # ---- worker events -------------------------------------------------------------------------------
 
@@ -240,15 +251,35 @@ class Daemon:
                     audio_duration_s=message.transcript.duration_s,
                 )  # fmt: skip
             elif isinstance(message, wp.Failed):
+                if message.kind == "oom":
+                    self._out_of_memory(handle, batch, job)
                 event = JobEvent.FAIL_FATAL if message.kind == "fatal" else JobEvent.FAIL
                 self.registry.apply(job, event, error=message.error)
                 self.wake()
 
+    def _out_of_memory(self, handle: WorkerHandle, batch: Batch, job: JobRecord) -> None:
+        """Count it, reserve more for this model from now on, retry the job on another GPU if one fits, and
+        take the batch's jobs not yet started back to the queue, to be placed again in smaller batches."""
+        self.oom_events += 1
+        device = handle.spec.device
+        self._avoid_devices[job.id] = self._avoid_devices.get(job.id, frozenset()) | {device}
+        estimates = dict(self.settings.model_memory_bytes)
+        old = estimates.get(job.model, self.settings.default_model_memory_bytes)
+        estimates[job.model] = int(old * 1.25)
+        self.settings = msgspec.structs.replace(self.settings, model_memory_bytes=estimates)
+        log.warning("out of memory on %s (job %d, model %s): reserving %.1f GiB per batch from now on",
+                    device, job.id, job.model, estimates[job.model] / 1024**3,
+                    extra={"JOB_ID": job.id, "DEVICE": device, "MODEL": job.model})  # fmt: skip
+        for other_id in batch.job_ids:
+            other = self._processing_job(handle, other_id)
+            if other is not None and other_id != job.id and other_id not in batch.done_jobs:
+                handle.cancel(other_id, None)  # not started: the worker skips it
+                self.registry.apply(other, JobEvent.REQUEUE)
+
     def _on_worker_exit(self, handle: WorkerHandle, batch: Batch | None, returncode: int) -> None:
         """A dead worker's unfinished jobs: the one it was running is retried (it may be the cause), the ones
         it had not reached go back to the queue unharmed."""
-        killed_for_cancel = handle.id in self._killed_for_cancel
-        self._killed_for_cancel.discard(handle.id)
+        killed_by_us = self._kill_reasons.pop(handle.id, None) is not None
         if batch is None:
             return
         self.pool.release(batch.id)
@@ -258,7 +289,7 @@ class Daemon:
             job = self._processing_job(handle, job_id)
             if job is None:
                 continue
-            if job_id == batch.started_job and not killed_for_cancel:
+            if job_id == batch.started_job and not killed_by_us:
                 self.registry.apply(
                     job, JobEvent.FAIL, error=f"worker {handle.id} died (exit status {returncode})"
                 )
@@ -270,10 +301,17 @@ class Daemon:
 
     def cancel(self, job: JobRecord) -> None:
         self.registry.apply(job, JobEvent.CANCEL)
-        if job.worker is not None and job.worker in self.workers:
-            handle = self.workers[job.worker]
-            if handle.batch is not None and job.id in handle.batch.job_ids:
-                handle.cancel(job.id, time.monotonic() + self.config.workers.cancel_grace_s)
+        handle = self.workers.get(job.worker or "")
+        batch = handle.batch if handle is not None else None
+        if (
+            handle is not None
+            and batch is not None
+            and job.id in batch.job_ids
+            and job.id not in batch.done_jobs
+        ):
+            # Only the job being transcribed has a deadline; one still waiting in the batch is just skipped.
+            running = batch.started_job == job.id
+            handle.cancel(job.id, time.monotonic() + self.config.workers.cancel_grace_s if running else None)
         self.wake()
 
     # ---- monitors ------------------------------------------------------------------------------------
@@ -289,8 +327,28 @@ class Daemon:
                 log.exception("monitor failed")
 
     async def _gpu_monitor(self) -> None:
-        self.pool.update(await asyncio.to_thread(self.probe.read))
+        if self.pool.gpu_names:  # a CPU-only daemon never calls NVML again
+            readings = await asyncio.to_thread(self.probe.read)
+            self.pool.update(readings)
+            self._note_health(readings)
         self.watchers.publish(DeviceSnapshot(devices=self.device_views()))
+
+    def _note_health(self, readings: list[GpuReading]) -> None:
+        """A GPU that stops answering NVML gets no new work (the plan skips it) and its running jobs go back
+        to the queue, to finish on the others."""
+        unhealthy = {gpu_name(r.index) for r in readings if not r.healthy}
+        for reading in readings:
+            name = gpu_name(reading.index)
+            fields = {"DEVICE": name, "GPU_INDEX": reading.index}
+            if name in unhealthy and name not in self._unhealthy:
+                log.error("GPU %s stopped answering NVML (%s): its jobs go back to the queue", name,
+                          reading.error, extra=fields)  # fmt: skip
+                for handle in self.workers.values():
+                    if handle.spec.device == name and handle.batch is not None:
+                        self._kill(handle, "gpu lost")
+            elif name in self._unhealthy and name not in unhealthy:
+                log.info("GPU %s answers NVML again", name, extra=fields)
+        self._unhealthy = unhealthy
 
     def _performance_monitor(self) -> None:
         stats = self.stats()

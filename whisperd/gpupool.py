@@ -108,3 +108,26 @@ class DevicePool:
                 )
             )
         return views
+
+
+# GPU memory of one batch (model weights plus decoding buffers for beam 5), in GiB, measured roughly on
+# faster-whisper; the sizes are matched against the model's name and source.
+_ESTIMATES_GIB: dict[str, tuple[float, float]] = {  # size: (float16, int8)
+    "large": (4.5, 2.9),
+    "turbo": (2.5, 1.6),
+    "medium": (2.6, 1.5),
+    "small": (1.2, 0.8),
+    "base": (0.6, 0.5),
+    "tiny": (0.5, 0.4),
+}
+_UNKNOWN_MODEL_GIB = (5.0, 3.0)  # err on the safe side: waiting is fine, out-of-memory is not
+
+
+def estimate_model_memory_bytes(name: str, source: str, compute_type: str) -> int:
+    int8 = "int8" in compute_type
+    text = f"{name} {source}".lower()
+    for size, (fp16_gib, int8_gib) in _ESTIMATES_GIB.items():
+        if size in text:
+            return int((int8_gib if int8 else fp16_gib) * 1024**3)
+    fp16_gib, int8_gib = _UNKNOWN_MODEL_GIB
+    return int((int8_gib if int8 else fp16_gib) * 1024**3)

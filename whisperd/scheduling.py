@@ -19,6 +19,7 @@ class QueuedJob(msgspec.Struct, frozen=True, kw_only=True):
     model: str
     priority: int
     queued_at: float
+    avoid_devices: frozenset[str] = frozenset()  # devices where it ran out of memory: try elsewhere first
 
 
 class WorkerSlot(msgspec.Struct, frozen=True, kw_only=True):
@@ -116,6 +117,7 @@ def plan(
         if not candidates:
             blocked.add(model)  # waiting is fine, out-of-memory is not; other models may still fit
             continue
+        candidates = [w for w in candidates if w.device not in head.avoid_devices] or candidates
         worker = min(candidates, key=lambda w: _preference(w, model, room[w.device]))
         device = room[worker.device]
         of_model = [j for j in waiting if j.model == model]

@@ -159,8 +159,9 @@ class WorkerHandle:
         self.batch = batch
         self._write(wp.RunBatch(batch_id=batch.id, jobs=list(specs)))
 
-    def cancel(self, job_id: int, deadline: float) -> None:
-        self.cancel_deadline = deadline
+    def cancel(self, job_id: int, deadline: float | None) -> None:
+        if deadline is not None:
+            self.cancel_deadline = deadline
         self._write(wp.CancelJob(job_id=job_id))
 
     def kill(self) -> None:

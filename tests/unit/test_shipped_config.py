@@ -50,5 +50,6 @@ def test_every_setting_is_documented(text: str, path: KeyPath) -> None:
 
 def test_the_walk_reaches_every_section() -> None:
     paths = set(_setting_paths(Config))
-    assert {("daemon",), ("scheduler",), ("workers",), ("transcribe",), ("models",)} <= paths
+    assert {("daemon",), ("scheduler",), ("workers",), ("gpu",), ("transcribe",), ("models",)} <= paths
     assert ("scheduler", "max_retries") in paths
+    assert ("gpu", "model_memory_bytes") in paths  # a dict-typed setting: its key must be written, even if {}
