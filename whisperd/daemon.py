@@ -16,10 +16,11 @@ import msgspec
 from whisperd import workerproto as wp
 from whisperd.config import Config
 from whisperd.fleet import model_memory_bytes, worker_specs
-from whisperd.gpupool import CPU, DevicePool, gpu_name
-from whisperd.gpuprobe import GpuReading, NullProbe, NvmlProbe
+from whisperd.gpupool import CPU, DevicePool
+from whisperd.gpuprobe import NullProbe, NvmlProbe
 from whisperd.jobs import JobEvent, JobState
-from whisperd.protocol import DeviceSnapshot, DeviceView, JobEventReply, StatsView, SystemSnapshot, WorkerView
+from whisperd.monitors import Monitors
+from whisperd.protocol import DeviceView, JobEventReply, StatsView, WorkerView
 from whisperd.registry import JobRegistry
 from whisperd.scheduling import PlanSettings, QueuedJob, WorkerSlot, plan
 from whisperd.store import JobRecord, Store
@@ -66,7 +67,6 @@ class Daemon:
         self._next_batch_id = 1
         self._kill_reasons: dict[str, str] = {}  # worker id -> why we killed it
         self._avoid_devices: dict[int, frozenset[str]] = {}  # job id -> devices it ran out of memory on
-        self._unhealthy: set[str] = set()
         self.oom_events = 0
         self.started_at = clock()
         self.audio_seconds_total = 0.0
@@ -85,7 +85,6 @@ class Daemon:
         specs = worker_specs(self.config, readings, os.cpu_count() or 1)
         self.pool = DevicePool(cpu=any(s.device == CPU for s in specs))
         self.pool.update(readings)
-        self._unhealthy = {gpu_name(r.index) for r in readings if not r.healthy}
         for spec in specs:
             w = self.config.workers
             handle = WorkerHandle(
@@ -120,12 +119,7 @@ class Daemon:
     # ---- the loop ------------------------------------------------------------------------------------
 
     async def run_until_stopped(self) -> None:
-        monitors = [
-            asyncio.create_task(self._every(self.config.scheduler.gpu_monitor_interval_s, self._gpu_monitor)),
-            asyncio.create_task(
-                self._every(self.config.scheduler.performance_monitor_interval_s, self._performance_monitor)
-            ),
-        ]
+        monitors = Monitors(self).start()
         try:
             while not self._stop.is_set():
                 timeout = self.tick()
@@ -214,10 +208,10 @@ class Daemon:
 
     def _processing_job(self, handle: WorkerHandle, job_id: int) -> JobRecord | None:
         """The live job a worker message is about, if it is still PROCESSING there (not cancelled)."""
-        for job in self.registry.live():
-            if job.id == job_id:
-                return job if job.state is JobState.PROCESSING and job.worker == handle.id else None
-        return None
+        job = self.registry.find_live(job_id)
+        return (
+            job if job is not None and job.state is JobState.PROCESSING and job.worker == handle.id else None
+        )
 
     def _on_worker_message(self, handle: WorkerHandle, message: wp.FromWorker) -> None:
         batch = handle.batch
@@ -314,51 +308,11 @@ class Daemon:
             handle.cancel(job.id, time.monotonic() + self.config.workers.cancel_grace_s if running else None)
         self.wake()
 
-    # ---- monitors ------------------------------------------------------------------------------------
-
-    async def _every(self, interval_s: float, action: Callable[[], object]) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                result = action()
-                if asyncio.iscoroutine(result):
-                    await result
-            except Exception:
-                log.exception("monitor failed")
-
-    async def _gpu_monitor(self) -> None:
-        if self.pool.gpu_names:  # a CPU-only daemon never calls NVML again
-            readings = await asyncio.to_thread(self.probe.read)
-            self.pool.update(readings)
-            self._note_health(readings)
-        self.watchers.publish(DeviceSnapshot(devices=self.device_views()))
-
-    def _note_health(self, readings: list[GpuReading]) -> None:
-        """A GPU that stops answering NVML gets no new work (the plan skips it) and its running jobs go back
-        to the queue, to finish on the others."""
-        unhealthy = {gpu_name(r.index) for r in readings if not r.healthy}
-        for reading in readings:
-            name = gpu_name(reading.index)
-            fields = {"DEVICE": name, "GPU_INDEX": reading.index}
-            if name in unhealthy and name not in self._unhealthy:
-                log.error("GPU %s stopped answering NVML (%s): its jobs go back to the queue", name,
-                          reading.error, extra=fields)  # fmt: skip
-                for handle in self.workers.values():
-                    if handle.spec.device == name and handle.batch is not None:
-                        self._kill(handle, "gpu lost")
-            elif name in self._unhealthy and name not in unhealthy:
-                log.info("GPU %s answers NVML again", name, extra=fields)
-        self._unhealthy = unhealthy
-
-    def _performance_monitor(self) -> None:
-        stats = self.stats()
-        log.info(
-            "queue %d waiting, %d running; %s; workers %s",
-            stats.queue_depth, stats.running_jobs,
-            " ".join(f"{s}={n}" for s, n in stats.states.items() if n),
-            " ".join(f"{w.id}:{w.state}" for w in stats.workers),
-        )  # fmt: skip
-        self.watchers.publish(SystemSnapshot(stats=stats))
+    def abandon_device(self, name: str) -> None:
+        """A GPU stopped answering: kill its busy workers, so their jobs go back to the queue unharmed."""
+        for handle in self.workers.values():
+            if handle.spec.device == name and handle.batch is not None:
+                self._kill(handle, "gpu lost")
 
     # ---- views ---------------------------------------------------------------------------------------
 

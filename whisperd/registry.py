@@ -68,6 +68,9 @@ class JobRegistry:
     def live(self) -> list[JobRecord]:
         return list(self._live.values())
 
+    def find_live(self, job_id: int) -> JobRecord | None:
+        return self._live.get(job_id)
+
     def get(self, job_id: int) -> JobRecord:
         job = self._live.get(job_id) or self._store.get(job_id)
         if job is None:

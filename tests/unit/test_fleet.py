@@ -1,0 +1,94 @@
+"""Which workers run, as a pure function of the config and the GPUs NVML reports."""
+
+from __future__ import annotations
+
+import pytest
+
+from whisperd.config import Config, GpuConfig, TranscribeConfig, WorkersConfig
+from whisperd.fleet import model_memory_bytes, worker_specs
+from whisperd.gpuprobe import GpuReading
+
+GIB = 1024**3
+
+
+def reading(index: int) -> GpuReading:
+    return GpuReading(
+        index=index, uuid=f"GPU-{index}", name="H200", healthy=True, error=None,
+        memory_total_bytes=141 * GIB, memory_used_bytes=0, memory_free_bytes=141 * GIB,
+        utilization_ratio=0.0, memory_utilization_ratio=0.0, temperature_c=30.0, power_w=70.0,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("gpu", "workers", "gpus", "cores", "expected"),
+    [
+        (GpuConfig(), WorkersConfig(), [], 3, [("cpu0", "cpu"), ("cpu1", "cpu"), ("cpu2", "cpu")]),
+        (GpuConfig(), WorkersConfig(), [reading(0), reading(1)], 4, [("gpu0", "cuda:0"), ("gpu1", "cuda:1")]),
+        (GpuConfig(), WorkersConfig(cpu_workers=1), [reading(0)], 4, [("gpu0", "cuda:0"), ("cpu0", "cpu")]),
+        (GpuConfig(exclude=[0]), WorkersConfig(), [reading(0), reading(1)], 4, [("gpu1", "cuda:1")]),
+        (
+            GpuConfig(workers_per_gpu=2),
+            WorkersConfig(),
+            [reading(3)],
+            4,
+            [("gpu3", "cuda:3"), ("gpu3.1", "cuda:3")],
+        ),
+        (GpuConfig(enabled=False), WorkersConfig(), [reading(0)], 2, [("cpu0", "cpu"), ("cpu1", "cpu")]),
+        (GpuConfig(exclude=[0]), WorkersConfig(), [reading(0)], 2, [("cpu0", "cpu"), ("cpu1", "cpu")]),
+        (GpuConfig(), WorkersConfig(cpu_workers=0), [], 8, []),
+    ],
+    ids=[
+        "no-gpu-one-per-core", "gpus-no-cpu-workers", "explicit-cpu-workers-beside-gpus", "excluded-gpu",
+        "two-per-gpu", "gpu-disabled", "every-gpu-excluded", "nothing",
+    ],
+)  # fmt: skip
+def test_worker_specs(
+    gpu: GpuConfig,
+    workers: WorkersConfig,
+    gpus: list[GpuReading],
+    cores: int,
+    expected: list[tuple[str, str]],
+) -> None:
+    specs = worker_specs(Config(gpu=gpu, workers=workers), gpus, cores)
+    assert [(s.id, s.device) for s in specs] == expected
+
+
+def test_gpu_workers_are_pinned_by_uuid_and_cpu_workers_see_no_gpu() -> None:
+    specs = worker_specs(Config(workers=WorkersConfig(cpu_workers=1)), [reading(2)], 4)
+    gpu, cpu = specs
+    assert gpu.env["CUDA_VISIBLE_DEVICES"] == "GPU-2" and gpu.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert gpu.argv[gpu.argv.index("--device") + 1] == "cuda"
+    assert gpu.argv[gpu.argv.index("--compute-type") + 1] == "float16"
+    assert cpu.env["CUDA_VISIBLE_DEVICES"] == ""
+    assert cpu.argv[cpu.argv.index("--device") + 1] == "cpu"
+    assert cpu.argv[cpu.argv.index("--preload") + 1] == "tiny.en=bundled:tiny.en"
+
+
+def test_rehearsal_mode_runs_gpu_workers_on_the_cpu() -> None:
+    [spec] = worker_specs(Config(gpu=GpuConfig(worker_device="cpu")), [reading(0)], 4)
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == "GPU-0"
+    assert spec.argv[spec.argv.index("--device") + 1] == "cpu"
+    assert spec.argv[spec.argv.index("--compute-type") + 1] == "int8"
+
+
+@pytest.mark.parametrize(
+    ("models", "overrides", "compute", "expected_gib"),
+    [
+        ({"tiny.en": "bundled:tiny.en"}, {}, "float16", {"tiny.en": 0.5}),
+        ({"big": "large-v3"}, {}, "float16", {"big": 4.5}),
+        ({"big": "large-v3"}, {}, "int8_float16", {"big": 2.9}),
+        ({"mine": "/srv/models/custom"}, {}, "float16", {"mine": 5.0}),
+        ({"mine": "/srv/models/custom"}, {"mine": 3 * GIB}, "float16", {"mine": 3.0}),
+    ],
+    ids=["tiny", "large-v3-fp16", "large-v3-int8", "unknown-safe-default", "configured"],
+)
+def test_model_memory_bytes(
+    models: dict[str, str], overrides: dict[str, int], compute: str, expected_gib: dict[str, float]
+) -> None:
+    config = Config(
+        models=models,
+        transcribe=TranscribeConfig(default_model=next(iter(models))),
+        gpu=GpuConfig(compute_type=compute, model_memory_bytes=overrides),
+    )
+    got = model_memory_bytes(config)
+    assert {name: round(b / GIB, 1) for name, b in got.items()} == expected_gib
