@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PREFIX ?= /usr/local
 DESTDIR ?=
-APT_PACKAGES := espeak-ng sox ffmpeg socat gcc pkg-config libsystemd-dev python3-venv
+APT_PACKAGES := espeak-ng sox ffmpeg socat gcc pkg-config libsystemd-dev python3-venv prometheus prometheus-alertmanager
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test lint bench system-deps venv clean install
@@ -42,6 +42,7 @@ lint: venv
 
 bench: venv system-deps
 	$(PY) bench/throughput.py $(BENCH_ARGS)
+	$(PY) bench/scrape_cost.py
 
 install: venv
 	$(PY) -m pip install --no-deps --prefix=$(PREFIX) $(if $(DESTDIR),--root=$(DESTDIR)) .

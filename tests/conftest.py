@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakenvml import build_fake_nvml, gcc_path
 from tests.support import audio
 from tests.support.daemon import DaemonProcess
+from tests.support.gpus import Gpus, start_gpu_daemon
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +48,14 @@ def idle_daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
     ).start()
     yield daemon
     daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def gpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gpus]:
+    """One daemon that sees two fake GPUs through the real pynvml; each test sets the figures it needs."""
+    if gcc_path() is None:
+        pytest.skip("gcc is needed to build the fake NVML library")
+    folder = tmp_path_factory.mktemp("fakenvml-gpus")
+    fake = start_gpu_daemon(folder, build_fake_nvml(folder / "lib"))
+    yield fake
+    fake.daemon.stop()

@@ -15,6 +15,8 @@ from whisperd.daemon import Daemon
 from whisperd.errors import WhisperdError
 from whisperd.gpuprobe import NvmlProbe
 from whisperd.handlers import Handlers
+from whisperd.metrics import build_registries
+from whisperd.metrics_http import MetricsServer
 from whisperd.server import ControlServer, bind_socket
 from whisperd.store import Store
 
@@ -39,6 +41,10 @@ async def serve(config_path: Path | None, log_level: str | None) -> int:
     store = Store(state_dir)
     daemon = Daemon(config, store, NvmlProbe(exclude=frozenset(config.gpu.exclude)))
     daemon.install_signal_handlers()
+    gpu_registry, system_registry, events = build_registries(daemon)
+    daemon.tick_observer = events.tick.observe
+    daemon.oom_observer = lambda device: events.oom.labels(device.removeprefix("cuda:")).inc()
+    metrics = MetricsServer({"/metrics": system_registry, "/metrics/gpu": gpu_registry})
     server = ControlServer(
         Handlers(daemon),
         daemon.watchers,
@@ -48,6 +54,8 @@ async def serve(config_path: Path | None, log_level: str | None) -> int:
     socket_path = Path(config.daemon.socket_path)
     sock = bind_socket(socket_path, config.daemon.socket_mode)  # refuses if another daemon answers there
     try:
+        if config.metrics.enabled:
+            await metrics.start(config.metrics.listen)
         await daemon.start()
         await server.start(sock)
         log.info("whisperd %s ready on %s (state in %s)", __version__, socket_path, state_dir)
@@ -55,6 +63,7 @@ async def serve(config_path: Path | None, log_level: str | None) -> int:
         await server.stop_accepting()
         await daemon.drain(config.daemon.drain_timeout_s)
     finally:
+        await metrics.close()
         await server.close()
         store.close()
         socket_path.unlink(missing_ok=True)

@@ -78,6 +78,13 @@ class WorkersConfig(_Section):
     max_models_per_worker: PositiveInt = 2
 
 
+class MetricsConfig(_Section):
+    enabled: bool = True
+    # host:port of the Prometheus endpoint (/metrics every 30 s, /metrics/gpu every 5 s); loopback by
+    # default. WHISPERD_METRICS_ADDR overrides it.
+    listen: str = "127.0.0.1:9464"
+
+
 class TranscribeConfig(_Section):
     default_model: str = "tiny.en"
     beam_size: PositiveInt = 5
@@ -89,6 +96,7 @@ class Config(_Section):
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
     workers: WorkersConfig = msgspec.field(default_factory=WorkersConfig)
     gpu: GpuConfig = msgspec.field(default_factory=GpuConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     transcribe: TranscribeConfig = msgspec.field(default_factory=TranscribeConfig)
     # Model name users pass with --model -> faster-whisper model name or a local CTranslate2 directory.
     models: dict[str, str] = msgspec.field(default_factory=lambda: {"tiny.en": BUNDLED_MODEL})
@@ -151,4 +159,5 @@ def load_config(path: Path | None) -> Config:
         config = parse_config(text, str(path))
     config.daemon.socket_path = str(resolve_socket_path(config.daemon.socket_path))
     config.daemon.state_dir = str(resolve_state_dir(config.daemon.state_dir))
+    config.metrics.listen = os.environ.get("WHISPERD_METRICS_ADDR") or config.metrics.listen
     return config

@@ -67,8 +67,11 @@ class Daemon:
         self._next_batch_id = 1
         self._kill_reasons: dict[str, str] = {}  # worker id -> why we killed it
         self._avoid_devices: dict[int, frozenset[str]] = {}  # job id -> devices it ran out of memory on
-        self.oom_events = 0
         self.started_at = clock()
+        self.last_tick_at = 0.0
+        self.oom_events: dict[str, int] = {}
+        self.tick_observer: Callable[[float], None] | None = None  # metrics: each round's duration
+        self.oom_observer: Callable[[str], None] | None = None  # metrics: out-of-memory on a device
         self.audio_seconds_total = 0.0
         self.processing_seconds_total = 0.0
 
@@ -132,7 +135,16 @@ class Daemon:
         log.info("signal %s received: draining", self._stop_signal)
 
     def tick(self) -> float:
-        """One scheduling round; returns how long the loop may sleep before the next."""
+        """One scheduling round, timed; returns how long the loop may sleep before the next."""
+        started = time.perf_counter()
+        try:
+            return self._tick()
+        finally:
+            self.last_tick_at = self.clock()
+            if self.tick_observer is not None:
+                self.tick_observer(time.perf_counter() - started)
+
+    def _tick(self) -> float:
         now = self.clock()
         next_due = now + self.config.scheduler.schedule_interval_s
         for job in self.registry.live():
@@ -254,8 +266,10 @@ class Daemon:
     def _out_of_memory(self, handle: WorkerHandle, batch: Batch, job: JobRecord) -> None:
         """Count it, reserve more for this model from now on, retry the job on another GPU if one fits, and
         take the batch's jobs not yet started back to the queue, to be placed again in smaller batches."""
-        self.oom_events += 1
         device = handle.spec.device
+        self.oom_events[device] = self.oom_events.get(device, 0) + 1
+        if self.oom_observer is not None:
+            self.oom_observer(device)
         self._avoid_devices[job.id] = self._avoid_devices.get(job.id, frozenset()) | {device}
         estimates = dict(self.settings.model_memory_bytes)
         old = estimates.get(job.model, self.settings.default_model_memory_bytes)

@@ -16,6 +16,7 @@ from whisperd.store import JobRecord, NewJob, Store
 log = logging.getLogger("whisperd.jobs")
 
 Listener = Callable[[JobView], None]
+TransitionHook = Callable[[JobRecord, JobState, JobEvent], None]
 
 
 class JobRegistry:
@@ -33,18 +34,23 @@ class JobRegistry:
         self._backoff_s = retry_backoff_s
         self._backoff_max_s = retry_backoff_max_s
         self._live: dict[int, JobRecord] = {}
-        self._terminal_counts: Counter[str] = Counter()
+        self._counts: Counter[JobState] = Counter()  # kept as jobs move, so reading it costs nothing
         self._listeners: list[Listener] = []
+        self._transition_hooks: list[TransitionHook] = []
+        # Waiting jobs (PENDING, RETRYING) by id, in the order they were (re)queued: the first is the oldest.
+        self._waiting: dict[int, float] = {}
 
     # ---- start-up ------------------------------------------------------------------------------------
 
     def recover(self) -> int:
         """Load the live jobs; a job that was PROCESSING when the daemon stopped goes back to the queue."""
         counts = self._store.count_by_state()
-        self._terminal_counts = Counter({s: n for s, n in counts.items() if JobState(s).terminal})
+        self._counts = Counter({JobState(s): n for s, n in counts.items()})
         requeued = 0
-        for job in self._store.live_jobs():
+        for job in sorted(self._store.live_jobs(), key=lambda j: j.queued_at):
             self._live[job.id] = job
+            if job.state is not JobState.PROCESSING:
+                self._waiting[job.id] = job.queued_at
             if job.state is JobState.PROCESSING:
                 self.apply(job, JobEvent.REQUEUE, error=None)
                 requeued += 1
@@ -58,6 +64,10 @@ class JobRegistry:
         return requeued
 
     # ---- reads ---------------------------------------------------------------------------------------
+
+    def on_transition(self, hook: TransitionHook) -> None:
+        """hook(job, old_state, event), after each transition is committed (for metrics)."""
+        self._transition_hooks.append(hook)
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -91,13 +101,15 @@ class JobRegistry:
         return [self._live.get(j.id) or j for j in self._store.select([], state, limit)]
 
     def counts(self) -> dict[str, int]:
-        counts = Counter(j.state.value for j in self._live.values())
-        counts.update(self._terminal_counts)
-        return {s.value: counts.get(s.value, 0) for s in JobState}
+        return {s.value: self._counts[s] for s in JobState}
+
+    def oldest_waiting_since(self) -> float | None:
+        """When the job that has waited longest was queued (None when nothing waits); constant time."""
+        return next(iter(self._waiting.values()), None)
 
     def waiting_count(self) -> int:
         """Jobs waiting for a worker (PENDING or RETRYING): what the queue limit bounds."""
-        return sum(1 for j in self._live.values() if j.state is not JobState.PROCESSING)
+        return self._counts[JobState.PENDING] + self._counts[JobState.RETRYING]
 
     # ---- writes --------------------------------------------------------------------------------------
 
@@ -105,6 +117,8 @@ class JobRegistry:
         records = self._store.insert_jobs(new_jobs, self._clock())
         for job in records:
             self._live[job.id] = job
+            self._counts[job.state] += 1
+            self._waiting[job.id] = job.queued_at
             log.info(
                 "job %d PENDING: %s (model %s)",
                 job.id,
@@ -139,10 +153,14 @@ class JobRegistry:
                 job.progress = 100.0
             spool, job.spool_path = job.spool_path, None
         self._store.save_transition(job, old, event.value, transcript)
+        self._counts[old] -= 1
+        self._counts[new] += 1
+        self._waiting.pop(job.id, None)
+        if new in (JobState.PENDING, JobState.RETRYING):
+            self._waiting[job.id] = now  # to the tail, so the first entry stays the oldest
         if new.terminal:
             self._store.discard_spool(spool)  # only once the commit no longer needs it
             self._live.pop(job.id, None)
-            self._terminal_counts[new.value] += 1
         level = logging.WARNING if new in (JobState.FAILED, JobState.RETRYING) else logging.INFO
         log.log(
             level,
@@ -161,6 +179,8 @@ class JobRegistry:
                 "RETRIES": job.retries,
             },
         )
+        for hook in self._transition_hooks:
+            hook(job, old, event)
         self._publish(job)
 
     def set_progress(self, job: JobRecord, progress: float, audio_duration_s: float) -> None:

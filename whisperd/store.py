@@ -86,7 +86,7 @@ _MUTABLE = [c for c in _COLUMNS if c not in ("id", "model", "language", "task", 
 _COPY_CHUNK_BYTES = 1024 * 1024
 
 
-class JobRecord(msgspec.Struct, kw_only=True):
+class JobRecord(msgspec.Struct, kw_only=True, gc=False):
     """A job as the daemon holds it: the protocol's JobView plus what only the daemon needs."""
 
     id: int

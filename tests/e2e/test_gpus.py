@@ -6,72 +6,16 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.fakenvml import build_fake_nvml, gcc_path, write_state
+from tests.fakenvml import gcc_path
 from tests.support.daemon import DaemonProcess
+from tests.support.gpus import GIB, TOTAL, Gpus, gpu
 from whisperd.jobs import JobState
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(gcc_path() is None, reason="gcc builds the fake NVML")]
-
-GIB = 1024**3
-TOTAL = 80 * GIB
-
-
-def gpu(index: int, used: int = 2 * GIB, fail: int = 0) -> dict[str, Any]:
-    return {
-        "name": f"Fake-H{index}00",
-        "uuid": f"GPU-fake-{index}",
-        "total": TOTAL,
-        "used": used,
-        "util": 10 + index,
-        "mem_util": 5,
-        "temp": 40 + index,
-        "power_mw": 100_000 + index * 1000,
-        "fail": fail,
-    }
-
-
-class Gpus:
-    def __init__(self, daemon: DaemonProcess, state: Path) -> None:
-        self.daemon, self.state = daemon, state
-
-    def set(self, *gpus: dict[str, Any]) -> None:
-        """Rewrite what NVML reports, then wait until the daemon's 0.2 s monitor has read it."""
-        write_state(self.state, list(gpus))
-        # A lost GPU is known by its health; a healthy one by its free memory.
-        want = {
-            f"cuda:{i}": (not g["fail"], None if g["fail"] else g["total"] - g["used"])
-            for i, g in enumerate(gpus)
-        }
-
-        def seen() -> bool:
-            got = {
-                d.name: (d.healthy, d.memory_free_bytes if d.healthy else None)
-                for d in self.daemon.client.gpu()
-            }
-            return got == want
-
-        self.daemon.wait_for(seen, 10, f"the daemon to read {gpus}")
-
-
-@pytest.fixture(scope="module")
-def gpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gpus]:
-    folder = tmp_path_factory.mktemp("fakenvml-gpus")
-    library = build_fake_nvml(folder / "lib")
-    state = folder / "nvml-state"
-    write_state(state, [gpu(0), gpu(1)])
-    daemon = DaemonProcess(
-        folder / "state",
-        {"scheduler": {"gpu_monitor_interval_s": 0.2}, "gpu": {"worker_device": "cpu"}},
-        env={"LD_LIBRARY_PATH": str(library.parent), "FAKE_NVML_STATE": str(state)},
-    ).start()
-    yield Gpus(daemon, state)
-    daemon.stop()
 
 
 def devices_of(daemon: DaemonProcess, ids: list[int]) -> list[str | None]:

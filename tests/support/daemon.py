@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,19 @@ def to_toml(config: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def scrape(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        body: bytes = response.read()
+        return body.decode()
+
+
 def short_socket_dir() -> Path:
     """Unix socket paths are limited to 108 bytes, and pytest's tmp_path is long and private (0700);
     a short directory anyone can traverse lets tests connect as another user."""
@@ -48,7 +63,8 @@ class DaemonProcess:
         self.config_path = state_dir / "whisperd.toml"
         self.config_path.write_text(to_toml(config or {}))
         self.log_path = state_dir / "whisperd.log"
-        self.extra_env = dict(env or {})
+        self.metrics_port = free_port()
+        self.extra_env = {"WHISPERD_METRICS_ADDR": f"127.0.0.1:{self.metrics_port}", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.client = Client(str(self.socket), timeout_s=60)
 
