@@ -11,6 +11,15 @@ from tests.support.daemon import DaemonProcess
 from tests.support.gpus import Gpus, start_gpu_daemon
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_daemon_left_behind() -> Iterator[None]:
+    yield
+    for daemon in DaemonProcess.started:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait(30)
+
+
 @pytest.fixture(scope="session")
 def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Short clips of real speech, one per sentence in audio.SENTENCES, plus 'medium' (about 23 s) and

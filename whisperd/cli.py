@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
 from pathlib import Path
 
-from whisperd import __version__
+from whisperd import __version__, systemd
 from whisperd import protocol as p
 from whisperd.config import load_config
 from whisperd.daemon import Daemon
@@ -25,21 +26,52 @@ EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
 
 
+class _StderrFormatter(logging.Formatter):
+    """Readable lines; a record's structured fields (JOB_ID=..., as sent to the journal) at the end."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = " ".join(f"{k}={v}" for k, v in vars(record).items() if k.isupper() and v not in ("", None))
+        return f"{line} [{fields}]" if fields else line
+
+
 def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+    """To the journal with structured fields when systemd connected stderr to it; readable lines otherwise."""
+    handler = systemd.journal_handler() if systemd.under_journald() else None
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_StderrFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def status_line(daemon: Daemon) -> str:
+    """The short queue summary systemctl status shows."""
+    stats = daemon.stats()
+    up = sum(1 for w in stats.workers if w.state in ("idle", "busy"))
+    return f"{stats.queue_depth} waiting, {stats.running_jobs} running, {up}/{len(stats.workers)} workers up"
+
+
+async def _report_status(notifier: systemd.Notifier, daemon: Daemon) -> None:
+    while True:
+        notifier.status(status_line(daemon))  # sent only when it changes
+        await asyncio.sleep(1.0)
 
 
 async def serve(config_path: Path | None, log_level: str | None) -> int:
     config = load_config(config_path)
     setup_logging(log_level or config.daemon.log_level)
+    notifier = systemd.Notifier()
     state_dir = Path(config.daemon.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     store = Store(state_dir)
-    daemon = Daemon(config, store, NvmlProbe(exclude=frozenset(config.gpu.exclude)))
+    daemon = Daemon(
+        config,
+        store,
+        NvmlProbe(exclude=frozenset(config.gpu.exclude)),
+        config_loader=lambda: load_config(config_path),
+    )
     daemon.install_signal_handlers()
     gpu_registry, system_registry, events = build_registries(daemon)
     daemon.tick_observer = events.tick.observe
@@ -52,21 +84,35 @@ async def serve(config_path: Path | None, log_level: str | None) -> int:
         config.daemon.max_request_bytes,
     )
     socket_path = Path(config.daemon.socket_path)
-    sock = bind_socket(socket_path, config.daemon.socket_mode)  # refuses if another daemon answers there
+    sock = systemd.listen_socket()  # socket activation: whisperd.socket holds the socket for us
+    owns_socket = sock is None
+    if sock is None:
+        sock = bind_socket(socket_path, config.daemon.socket_mode)  # refuses if another daemon answers there
+    background: list[asyncio.Task[None]] = []
     try:
         if config.metrics.enabled:
             await metrics.start(config.metrics.listen)
+        notifier.status("recovering the queue and starting workers")
         await daemon.start()
         await server.start(sock)
-        log.info("whisperd %s ready on %s (state in %s)", __version__, socket_path, state_dir)
+        where = socket_path if owns_socket else "the socket systemd passed"
+        log.info("whisperd %s ready on %s (state in %s)", __version__, where, state_dir)
+        notifier.ready(status_line(daemon))
+        background.append(asyncio.create_task(_report_status(notifier, daemon)))
+        if (interval := notifier.watchdog_interval_s()) is not None:
+            background.append(asyncio.create_task(notifier.watchdog(interval)))
         await daemon.run_until_stopped()
+        notifier.stopping(f"draining: {status_line(daemon)}")
         await server.stop_accepting()
         await daemon.drain(config.daemon.drain_timeout_s)
     finally:
+        for task in background:
+            task.cancel()
         await metrics.close()
         await server.close()
         store.close()
-        socket_path.unlink(missing_ok=True)
+        if owns_socket:
+            socket_path.unlink(missing_ok=True)
     log.info("whisperd stopped")
     return 0
 

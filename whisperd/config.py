@@ -161,3 +161,51 @@ def load_config(path: Path | None) -> Config:
     config.daemon.state_dir = str(resolve_state_dir(config.daemon.state_dir))
     config.metrics.listen = os.environ.get("WHISPERD_METRICS_ADDR") or config.metrics.listen
     return config
+
+
+# What SIGHUP cannot change in a running daemon: where it listens and keeps state, which processes it
+# runs, and the monitor loops' periods. Everything else takes effect at the next scheduling round.
+RESTART_ONLY = (
+    "daemon.socket_path",
+    "daemon.state_dir",
+    "daemon.socket_mode",
+    "daemon.max_request_bytes",
+    "scheduler.gpu_monitor_interval_s",
+    "scheduler.performance_monitor_interval_s",
+    "workers.cpu_workers",
+    "workers.cpu_threads",
+    "workers.cpu_compute_type",
+    "workers.max_models_per_worker",
+    "workers.start_timeout_s",
+    "workers.restart_backoff_s",
+    "workers.restart_backoff_max_s",
+    "transcribe.default_model",  # the workers preloaded it
+    "gpu",
+    "metrics",
+)
+
+
+def _flatten(sections: dict[str, dict[str, object]]) -> dict[str, object]:
+    """{"section.key": value} for every setting."""
+    return {
+        f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()
+    }
+
+
+def plan_reload(running: Config, loaded: Config) -> tuple[Config, list[str], list[str]]:
+    """(the config to run with, keys applied, keys that need a restart and were left as they are)."""
+    old, new = _flatten(msgspec.to_builtins(running)), _flatten(msgspec.to_builtins(loaded))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    refused = [k for k in changed if any(k == r or k.startswith(r + ".") for r in RESTART_ONLY)]
+    applied = [k for k in changed if k not in refused]
+    merged = msgspec.to_builtins(loaded)
+    kept = msgspec.to_builtins(running)
+    for key in refused:
+        section, _, name = key.partition(".")
+        if name:
+            merged[section][name] = kept[section][name]
+        else:
+            merged[section] = kept[section]
+    result = msgspec.convert(merged, Config)
+    result.daemon.socket_path, result.daemon.state_dir = running.daemon.socket_path, running.daemon.state_dir
+    return result, applied, refused

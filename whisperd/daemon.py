@@ -14,12 +14,14 @@ from collections.abc import Callable
 import msgspec
 
 from whisperd import workerproto as wp
-from whisperd.config import Config
+from whisperd.config import Config, plan_reload
+from whisperd.errors import WhisperdError
 from whisperd.fleet import model_memory_bytes, worker_specs
 from whisperd.gpupool import CPU, DevicePool
 from whisperd.gpuprobe import NullProbe, NvmlProbe
 from whisperd.jobs import JobEvent, JobState
 from whisperd.monitors import Monitors
+from whisperd.outcomes import WorkerOutcomes
 from whisperd.protocol import DeviceView, JobEventReply, StatsView, WorkerView
 from whisperd.registry import JobRegistry
 from whisperd.scheduling import PlanSettings, QueuedJob, WorkerSlot, plan
@@ -30,6 +32,18 @@ from whisperd.watchers import Watchers
 log = logging.getLogger("whisperd")
 
 
+def plan_settings(config: Config) -> PlanSettings:
+    sched = config.scheduler
+    return PlanSettings(
+        min_batch_size=sched.min_batch_size,
+        max_batch_size=sched.max_batch_size,
+        batch_timeout_s=sched.batch_timeout_s,
+        min_free_memory_bytes=sched.min_free_memory_bytes,
+        memory_safety_margin=sched.memory_safety_margin,
+        model_memory_bytes=model_memory_bytes(config),
+    )
+
+
 class Daemon:
     def __init__(
         self,
@@ -38,8 +52,11 @@ class Daemon:
         probe: NvmlProbe | NullProbe,
         spawner: Spawner = asyncio.create_subprocess_exec,
         clock: Callable[[], float] = time.time,
+        config_loader: Callable[[], Config] | None = None,
     ) -> None:
         self.config = config
+        self._config_loader = config_loader
+        self._reload_requested = False
         self.store = store
         self.probe = probe
         self.clock = clock
@@ -48,14 +65,7 @@ class Daemon:
             store, clock, sched.max_retries, sched.retry_backoff_s, sched.retry_backoff_max_s
         )
         self.pool = DevicePool(cpu=False)  # set up in start(), once the GPUs are known
-        self.settings = PlanSettings(
-            min_batch_size=sched.min_batch_size,
-            max_batch_size=sched.max_batch_size,
-            batch_timeout_s=sched.batch_timeout_s,
-            min_free_memory_bytes=sched.min_free_memory_bytes,
-            memory_safety_margin=sched.memory_safety_margin,
-            model_memory_bytes=model_memory_bytes(config),
-        )
+        self.settings = plan_settings(config)
         self.watchers = Watchers()
         self.registry.subscribe(lambda view: self.watchers.publish(JobEventReply(job=view)))
         self.workers: dict[str, WorkerHandle] = {}
@@ -65,8 +75,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self.draining = False
         self._next_batch_id = 1
-        self._kill_reasons: dict[str, str] = {}  # worker id -> why we killed it
-        self._avoid_devices: dict[int, frozenset[str]] = {}  # job id -> devices it ran out of memory on
+        self.outcomes = WorkerOutcomes(self)
         self.started_at = clock()
         self.last_tick_at = 0.0
         self.oom_events: dict[str, int] = {}
@@ -91,7 +100,7 @@ class Daemon:
         for spec in specs:
             w = self.config.workers
             handle = WorkerHandle(
-                spec, self._on_worker_message, self._on_worker_exit,
+                spec, self.outcomes.on_message, self.outcomes.on_exit,
                 w.restart_backoff_s, w.restart_backoff_max_s, self._spawner,
             )  # fmt: skip
             self.workers[spec.id] = handle
@@ -111,10 +120,40 @@ class Daemon:
         self._stop.set()
         self._wake.set()
 
+    def request_reload(self) -> None:
+        """Signal handler: record only."""
+        self._reload_requested = True
+        self._wake.set()
+
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop, signum)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+
+    def reload(self) -> None:
+        """Apply what can change in a running daemon; say what needs a restart."""
+        if self._config_loader is None:
+            log.warning("SIGHUP: no configuration file to reload")
+            return
+        try:
+            loaded = self._config_loader()
+        except WhisperdError as exc:
+            log.error("SIGHUP: configuration not reloaded, the running one stays: %s", exc.message)
+            return
+        self.config, applied, refused = plan_reload(self.config, loaded)
+        estimates = dict(self.settings.model_memory_bytes)  # keep what out-of-memory errors taught us
+        self.settings = plan_settings(self.config)
+        self.settings = msgspec.structs.replace(
+            self.settings, model_memory_bytes={**self.settings.model_memory_bytes, **estimates}
+        )
+        sched = self.config.scheduler
+        self.registry.configure(sched.max_retries, sched.retry_backoff_s, sched.retry_backoff_max_s)
+        logging.getLogger().setLevel(self.config.daemon.log_level.upper())
+        log.info("SIGHUP: configuration reloaded; changed: %s", ", ".join(applied) or "nothing")
+        if refused:
+            log.warning("SIGHUP: these changed but need a restart, so they keep their running values: %s",
+                        ", ".join(refused))  # fmt: skip
 
     def wake(self) -> None:
         self._wake.set()
@@ -125,6 +164,9 @@ class Daemon:
         monitors = Monitors(self).start()
         try:
             while not self._stop.is_set():
+                if self._reload_requested:
+                    self._reload_requested = False
+                    self.reload()
                 timeout = self.tick()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
@@ -164,7 +206,7 @@ class Daemon:
                     model=j.model,
                     priority=j.priority,
                     queued_at=j.queued_at,
-                    avoid_devices=self._avoid_devices.get(j.id, frozenset()),
+                    avoid_devices=self.outcomes.avoid_devices.get(j.id, frozenset()),
                 )
                 for j in pending
             ]
@@ -209,101 +251,7 @@ class Daemon:
             if handle.cancel_deadline is not None and handle.cancel_deadline <= now:
                 log.warning("worker %s did not stop a cancelled job in time: killing it", handle.id)
                 handle.cancel_deadline = None
-                self._kill(handle, "cancel")
-
-    def _kill(self, handle: WorkerHandle, reason: str) -> None:
-        """Kill a worker through no fault of its running job: on_exit then requeues that job unharmed."""
-        self._kill_reasons[handle.id] = reason
-        handle.kill()
-
-    # ---- worker events -------------------------------------------------------------------------------
-
-    def _processing_job(self, handle: WorkerHandle, job_id: int) -> JobRecord | None:
-        """The live job a worker message is about, if it is still PROCESSING there (not cancelled)."""
-        job = self.registry.find_live(job_id)
-        return (
-            job if job is not None and job.state is JobState.PROCESSING and job.worker == handle.id else None
-        )
-
-    def _on_worker_message(self, handle: WorkerHandle, message: wp.FromWorker) -> None:
-        batch = handle.batch
-        if isinstance(message, wp.Ready):
-            self.wake()
-        elif isinstance(message, wp.BatchDone):
-            handle.models = set(message.models)
-            if batch is not None and batch.id == message.batch_id:
-                self.pool.release(batch.id)
-                handle.batch = None
-                handle.cancel_deadline = None
-                self.wake()
-        elif batch is not None:
-            job = self._processing_job(handle, message.job_id)
-            if isinstance(message, wp.Started):
-                batch.started_job = message.job_id
-            elif isinstance(message, wp.Finished | wp.Failed):
-                batch.done_jobs.add(message.job_id)
-                handle.cancel_deadline = None
-            if job is None:
-                if isinstance(message, wp.Failed) and message.kind == "cancelled":
-                    log.info("worker %s stopped cancelled job %d", handle.id, message.job_id)
-                return
-            if isinstance(message, wp.Progress):
-                self.registry.set_progress(job, message.progress, message.audio_duration_s)
-            elif isinstance(message, wp.Finished):
-                self.audio_seconds_total += message.transcript.duration_s
-                self.processing_seconds_total += message.processing_s
-                self.registry.apply(
-                    job, JobEvent.COMPLETE, transcript=message.transcript,
-                    audio_duration_s=message.transcript.duration_s,
-                )  # fmt: skip
-            elif isinstance(message, wp.Failed):
-                if message.kind == "oom":
-                    self._out_of_memory(handle, batch, job)
-                event = JobEvent.FAIL_FATAL if message.kind == "fatal" else JobEvent.FAIL
-                self.registry.apply(job, event, error=message.error)
-                self.wake()
-
-    def _out_of_memory(self, handle: WorkerHandle, batch: Batch, job: JobRecord) -> None:
-        """Count it, reserve more for this model from now on, retry the job on another GPU if one fits, and
-        take the batch's jobs not yet started back to the queue, to be placed again in smaller batches."""
-        device = handle.spec.device
-        self.oom_events[device] = self.oom_events.get(device, 0) + 1
-        if self.oom_observer is not None:
-            self.oom_observer(device)
-        self._avoid_devices[job.id] = self._avoid_devices.get(job.id, frozenset()) | {device}
-        estimates = dict(self.settings.model_memory_bytes)
-        old = estimates.get(job.model, self.settings.default_model_memory_bytes)
-        estimates[job.model] = int(old * 1.25)
-        self.settings = msgspec.structs.replace(self.settings, model_memory_bytes=estimates)
-        log.warning("out of memory on %s (job %d, model %s): reserving %.1f GiB per batch from now on",
-                    device, job.id, job.model, estimates[job.model] / 1024**3,
-                    extra={"JOB_ID": job.id, "DEVICE": device, "MODEL": job.model})  # fmt: skip
-        for other_id in batch.job_ids:
-            other = self._processing_job(handle, other_id)
-            if other is not None and other_id != job.id and other_id not in batch.done_jobs:
-                handle.cancel(other_id, None)  # not started: the worker skips it
-                self.registry.apply(other, JobEvent.REQUEUE)
-
-    def _on_worker_exit(self, handle: WorkerHandle, batch: Batch | None, returncode: int) -> None:
-        """A dead worker's unfinished jobs: the one it was running is retried (it may be the cause), the ones
-        it had not reached go back to the queue unharmed."""
-        killed_by_us = self._kill_reasons.pop(handle.id, None) is not None
-        if batch is None:
-            return
-        self.pool.release(batch.id)
-        for job_id in batch.job_ids:
-            if job_id in batch.done_jobs:
-                continue
-            job = self._processing_job(handle, job_id)
-            if job is None:
-                continue
-            if job_id == batch.started_job and not killed_by_us:
-                self.registry.apply(
-                    job, JobEvent.FAIL, error=f"worker {handle.id} died (exit status {returncode})"
-                )
-            else:
-                self.registry.apply(job, JobEvent.REQUEUE)
-        self.wake()
+                self.outcomes.kill(handle, "cancel")
 
     # ---- user actions --------------------------------------------------------------------------------
 
@@ -326,7 +274,7 @@ class Daemon:
         """A GPU stopped answering: kill its busy workers, so their jobs go back to the queue unharmed."""
         for handle in self.workers.values():
             if handle.spec.device == name and handle.batch is not None:
-                self._kill(handle, "gpu lost")
+                self.outcomes.kill(handle, "gpu lost")
 
     # ---- views ---------------------------------------------------------------------------------------
 

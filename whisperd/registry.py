@@ -40,6 +40,11 @@ class JobRegistry:
         # Waiting jobs (PENDING, RETRYING) by id, in the order they were (re)queued: the first is the oldest.
         self._waiting: dict[int, float] = {}
 
+    def configure(self, max_retries: int, retry_backoff_s: float, retry_backoff_max_s: float) -> None:
+        self._max_retries = max_retries
+        self._backoff_s = retry_backoff_s
+        self._backoff_max_s = retry_backoff_max_s
+
     # ---- start-up ------------------------------------------------------------------------------------
 
     def recover(self) -> int:

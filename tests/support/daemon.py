@@ -55,6 +55,8 @@ def short_socket_dir() -> Path:
 
 
 class DaemonProcess:
+    started: list[DaemonProcess] = []  # so that a failed test leaves no daemon behind (see conftest)
+
     def __init__(self, state_dir: Path, config: Mapping[str, Mapping[str, Any]] | None = None,
                  env: Mapping[str, str] | None = None) -> None:  # fmt: skip
         self.state_dir = state_dir
@@ -85,6 +87,7 @@ class DaemonProcess:
             env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         log.close()
+        DaemonProcess.started.append(self)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
