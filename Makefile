@@ -7,6 +7,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PREFIX ?= /usr/local
 DESTDIR ?=
+SYSCONFDIR ?= /etc
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+PYTHON ?= python3
+PIP_FLAGS ?=
 APT_PACKAGES := espeak-ng sox ffmpeg socat gcc pkg-config libsystemd-dev python3-venv prometheus prometheus-alertmanager
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -44,9 +48,21 @@ bench: venv system-deps
 	$(PY) bench/throughput.py $(BENCH_ARGS)
 	$(PY) bench/scrape_cost.py
 
-install: venv
-	$(PY) -m pip install --no-deps --prefix=$(PREFIX) $(if $(DESTDIR),--root=$(DESTDIR)) .
-	install -D -m 0644 etc/whisperd.toml $(DESTDIR)/etc/whisperd/whisperd.toml
+# make install [PREFIX=/usr/local] [DESTDIR=staging] [PYTHON=python3] [PIP_FLAGS=...]: the package and its
+# dependencies for PYTHON, the systemd units (ExecStart under PREFIX), sysusers.d, tmpfiles.d and etc/.
+install:
+	$(PYTHON) -m pip install --quiet --no-warn-script-location $(PIP_FLAGS) \
+		--root=$(or $(DESTDIR),/) --prefix=$(PREFIX) '.[systemd]'
+	install -d $(DESTDIR)$(UNITDIR) $(DESTDIR)$(PREFIX)/lib/sysusers.d $(DESTDIR)$(PREFIX)/lib/tmpfiles.d
+	sed 's|/usr/local/bin/|$(PREFIX)/bin/|' systemd/whisperd.service > $(DESTDIR)$(UNITDIR)/whisperd.service
+	install -m 0644 systemd/whisperd.socket $(DESTDIR)$(UNITDIR)/whisperd.socket
+	install -m 0644 systemd/whisperd.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/whisperd.conf
+	install -m 0644 systemd/whisperd.tmpfiles $(DESTDIR)$(PREFIX)/lib/tmpfiles.d/whisperd.conf
+	install -D -m 0644 etc/whisperd.toml $(DESTDIR)$(SYSCONFDIR)/whisperd/whisperd.toml
+	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/share/whisperd/prometheus etc/prometheus/*.yml
+	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/share/whisperd/alertmanager etc/alertmanager/*.yml
+	@echo "installed; then: systemd-sysusers; systemd-tmpfiles --create; systemctl daemon-reload;" \
+		"systemctl enable --now whisperd.socket whisperd.service"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

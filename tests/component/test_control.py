@@ -203,3 +203,30 @@ def test_a_second_daemon_on_the_same_socket_is_refused(idle_daemon: DaemonProces
     with pytest.raises(RuntimeError, match="already listening"):
         second.start(timeout_s=30)
     assert idle_daemon.client.ping().protocol == 1
+
+
+def test_sighup_applies_what_it_can_and_names_what_needs_a_restart(
+    idle_daemon: DaemonProcess, speech: dict[str, Path]
+) -> None:
+    from tests.support.daemon import to_toml
+
+    assert idle_daemon.proc is not None
+    idle_daemon.config_path.write_text(
+        to_toml({
+            "daemon": {"socket_mode": 0o666, "max_queued_jobs": 1},
+            "workers": {"cpu_workers": 3},
+            "scheduler": {"max_retries": 5},
+        })
+    )  # fmt: skip
+    idle_daemon.proc.send_signal(signal.SIGHUP)
+    idle_daemon.wait_for(lambda: "need a restart" in idle_daemon.log(), 10, "the reload")
+    assert "changed: daemon.max_queued_jobs, scheduler.max_retries" in idle_daemon.log()
+    assert "need a restart, so they keep their running values: workers.cpu_workers" in idle_daemon.log()
+    idle_daemon.client.submit([str(speech["fox"])])
+    with pytest.raises(RemoteError, match="limit of 1"):
+        idle_daemon.client.submit([str(speech["fox"])])
+    assert idle_daemon.client.stats().workers == [], "the worker count needs a restart"
+    idle_daemon.config_path.write_text("[daemon]\nbogus = 1\n")
+    idle_daemon.proc.send_signal(signal.SIGHUP)
+    idle_daemon.wait_for(lambda: "the running one stays" in idle_daemon.log(), 10, "the refused reload")
+    assert "bogus" in idle_daemon.log() and idle_daemon.client.ping().protocol == 1

@@ -191,3 +191,38 @@ def test_load_config_bad_file_names_the_file(clean_env: pytest.MonkeyPatch, tmp_
         load_config(path)
     assert info.value.message.startswith(f"{path}: ")
     assert "bogus" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("toml", "applied", "refused"),
+    [
+        ("", [], []),
+        ("[scheduler]\nmax_batch_size = 2\n", ["scheduler.max_batch_size"], []),
+        (
+            "[workers]\ncpu_workers = 4\ncancel_grace_s = 1.0\n",
+            ["workers.cancel_grace_s"],
+            ["workers.cpu_workers"],
+        ),
+        ('[metrics]\nlisten = "0.0.0.0:1"\n', [], ["metrics.listen"]),
+        ("[gpu]\nexclude = [1]\n", [], ["gpu.exclude"]),
+        ('[models]\n"tiny.en" = "bundled:tiny.en"\nbig = "large-v3"\n', ["models.big"], []),
+        ("[scheduler]\ngpu_monitor_interval_s = 1.0\n", [], ["scheduler.gpu_monitor_interval_s"]),
+    ],
+    ids=["nothing", "batch-size", "workers-mixed", "metrics", "gpu", "new-model", "monitor-period"],
+)
+def test_plan_reload(toml: str, applied: list[str], refused: list[str]) -> None:
+    from whisperd.config import plan_reload
+
+    running = Config()
+    merged, got_applied, got_refused = plan_reload(running, parse_config(toml))
+    assert (got_applied, got_refused) == (applied, refused)
+    for key in refused:  # a refused key keeps its running value
+        section, name = key.split(".")
+        assert getattr(getattr(merged, section), name) == getattr(getattr(running, section), name)
+    expected = parse_config(toml)
+    for key in applied:
+        section, _, name = key.partition(".")
+        if section == "models":
+            assert merged.models[name] == expected.models[name]
+        else:
+            assert getattr(getattr(merged, section), name) == getattr(getattr(expected, section), name)
