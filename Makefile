@@ -51,7 +51,7 @@ bench: venv system-deps
 # make install [PREFIX=/usr/local] [DESTDIR=staging] [PYTHON=python3] [PIP_FLAGS=...]: the package and its
 # dependencies for PYTHON, the systemd units (ExecStart under PREFIX), sysusers.d, tmpfiles.d and etc/.
 install:
-	$(PYTHON) -m pip install --quiet --no-warn-script-location $(PIP_FLAGS) \
+	$(PYTHON) -m pip install --quiet --no-warn-script-location --ignore-installed $(PIP_FLAGS) \
 		--root=$(or $(DESTDIR),/) --prefix=$(PREFIX) '.[systemd]'
 	install -d $(DESTDIR)$(UNITDIR) $(DESTDIR)$(PREFIX)/lib/sysusers.d $(DESTDIR)$(PREFIX)/lib/tmpfiles.d
 	sed 's|/usr/local/bin/|$(PREFIX)/bin/|' systemd/whisperd.service > $(DESTDIR)$(UNITDIR)/whisperd.service

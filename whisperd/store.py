@@ -86,54 +86,16 @@ _MUTABLE = [c for c in _COLUMNS if c not in ("id", "model", "language", "task", 
 _COPY_CHUNK_BYTES = 1024 * 1024
 
 
-class JobRecord(msgspec.Struct, kw_only=True, gc=False):
-    """A job as the daemon holds it: the protocol's JobView plus what only the daemon needs."""
+class JobRecord(JobView, kw_only=True, gc=False):
+    """A job as the daemon holds it: the protocol's JobView plus what only the daemon needs. Scalars only,
+    hence gc=False: a queue of 100,000 jobs adds nothing to the garbage collector's rounds."""
 
-    id: int
-    state: JobState
-    progress: float
-    retries: int
-    device: str | None  # cpu or cuda:N
-    worker: str | None  # the worker process running it
-    model: str
-    language: str | None
-    task: Task
-    priority: int
-    word_timestamps: bool
-    error: str | None
-    filename: str
-    owner_uid: int
-    audio_duration_s: float | None
     spool_path: str | None
-    created_at: float
-    updated_at: float
     queued_at: float  # FIFO key: set at submit and whenever a job goes back to the tail
-    started_at: float | None
-    finished_at: float | None
     not_before: float | None  # a RETRYING job waits until then
 
     def view(self) -> JobView:
-        return JobView(
-            id=self.id,
-            state=self.state,
-            progress=self.progress,
-            retries=self.retries,
-            device=self.device,
-            worker=self.worker,
-            model=self.model,
-            language=self.language,
-            task=self.task,
-            priority=self.priority,
-            word_timestamps=self.word_timestamps,
-            error=self.error,
-            filename=self.filename,
-            owner_uid=self.owner_uid,
-            audio_duration_s=self.audio_duration_s,
-            created_at=self.created_at,
-            updated_at=self.updated_at,
-            started_at=self.started_at,
-            finished_at=self.finished_at,
-        )
+        return JobView(**{name: getattr(self, name) for name in JobView.__struct_fields__})
 
 
 class NewJob(msgspec.Struct, kw_only=True):

@@ -59,7 +59,9 @@ def scripted_spawner(state_dir: Path, oom_jobs: str) -> Any:
 
 
 def test_out_of_memory_retries_elsewhere_requeues_batch_mates_and_reserves_more(tmp_path: Path) -> None:
-    config = Config(workers=WorkersConfig(cpu_workers=0), gpu=GpuConfig(worker_device="cpu"))
+    config = Config(
+        workers=WorkersConfig(cpu_workers=0, start_timeout_s=20), gpu=GpuConfig(worker_device="cpu")
+    )
     store = Store(tmp_path)
     spooled = []
     for _ in range(3):
@@ -89,7 +91,7 @@ def test_out_of_memory_retries_elsewhere_requeues_batch_mates_and_reserves_more(
         await daemon.drain(5)
         return daemon, before
 
-    daemon, before = asyncio.run(scenario())
+    daemon, before = asyncio.run(asyncio.wait_for(scenario(), 60))  # fail, never hang
     try:
         assert [store.get(i).state for i in (1, 2, 3)] == [JobState.COMPLETED] * 3  # type: ignore[union-attr]
         assert sum(daemon.oom_events.values()) == 1

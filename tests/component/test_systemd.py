@@ -7,10 +7,8 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from itertools import pairwise
@@ -19,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import DaemonProcess, short_socket_dir, to_toml
+from tests.support.datagrams import DatagramSink
 from tests.support.journal import FakeJournal
 from whisperctl.client import Client
 from whisperd.jobs import JobState
@@ -28,33 +27,14 @@ REPO = Path(__file__).resolve().parents[2]
 UNITS = REPO / "systemd"
 
 
-class NotifySocket:
+class NotifySocket(DatagramSink[str]):
     """What systemd's end of NOTIFY_SOCKET receives, with arrival times."""
 
     def __init__(self) -> None:
-        self.path = short_socket_dir() / "notify"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(self.path))
-        self.sock.settimeout(0.1)
-        self.messages: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._receive, daemon=True)
-        self._thread.start()
-
-    def _receive(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.messages.append((time.monotonic(), self.sock.recv(4096).decode()))
-            except TimeoutError:
-                continue
+        super().__init__(short_socket_dir() / "notify", lambda data: data.decode())
 
     def lines(self, prefix: str) -> list[tuple[float, str]]:
-        return [(t, line) for t, m in self.messages for line in m.splitlines() if line.startswith(prefix)]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sock.close()
+        return [(t, line) for t, m in self.received for line in m.splitlines() if line.startswith(prefix)]
 
 
 @pytest.fixture

@@ -5,10 +5,10 @@ Run a daemon in a mount namespace where /run/systemd is this folder, and its jou
 
 from __future__ import annotations
 
-import socket
 import struct
-import threading
 from pathlib import Path
+
+from tests.support.datagrams import DatagramSink
 
 
 def decode(datagram: bytes) -> dict[str, str]:
@@ -30,25 +30,11 @@ def decode(datagram: bytes) -> dict[str, str]:
     return fields
 
 
-class FakeJournal:
+class FakeJournal(DatagramSink[dict[str, str]]):
     def __init__(self, run_systemd: Path) -> None:
         (run_systemd / "journal").mkdir(parents=True)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(run_systemd / "journal" / "socket"))
-        self.sock.settimeout(0.2)
-        self.records: list[dict[str, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._receive, daemon=True)
-        self._thread.start()
+        super().__init__(run_systemd / "journal" / "socket", decode)
 
-    def _receive(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.records.append(decode(self.sock.recv(1 << 20)))
-            except TimeoutError:
-                continue
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sock.close()
+    @property
+    def records(self) -> list[dict[str, str]]:
+        return [record for _, record in self.received]
