@@ -53,7 +53,11 @@ def idle_daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
     """A daemon with no workers: every job stays PENDING, which makes queue behaviour deterministic."""
     daemon = DaemonProcess(
         tmp_path / "state",
-        {"daemon": {"socket_mode": 0o666, "max_queued_jobs": 5}, "workers": {"cpu_workers": 0}},
+        {
+            "daemon": {"socket_mode": 0o666, "max_queued_jobs": 5},
+            "workers": {"cpu_workers": 0},
+            "scheduler": {"performance_monitor_interval_s": 0.5},
+        },
     ).start()
     yield daemon
     daemon.stop()

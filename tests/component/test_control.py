@@ -215,7 +215,7 @@ def test_sighup_applies_what_it_can_and_names_what_needs_a_restart(
         to_toml({
             "daemon": {"socket_mode": 0o666, "max_queued_jobs": 1},
             "workers": {"cpu_workers": 3},
-            "scheduler": {"max_retries": 5},
+            "scheduler": {"max_retries": 5, "performance_monitor_interval_s": 0.5},
         })
     )  # fmt: skip
     idle_daemon.proc.send_signal(signal.SIGHUP)
@@ -230,3 +230,15 @@ def test_sighup_applies_what_it_can_and_names_what_needs_a_restart(
     idle_daemon.proc.send_signal(signal.SIGHUP)
     idle_daemon.wait_for(lambda: "the running one stays" in idle_daemon.log(), 10, "the refused reload")
     assert "bogus" in idle_daemon.log() and idle_daemon.client.ping().protocol == 1
+
+
+def test_the_performance_monitor_logs_a_summary_and_feeds_watchers(
+    idle_daemon: DaemonProcess, speech: dict[str, Path]
+) -> None:
+    from whisperd import protocol as p
+
+    idle_daemon.client.submit([str(speech["fox"])] * 2)
+    idle_daemon.wait_for(lambda: "queue 2 waiting, 0 running (PENDING=2)" in idle_daemon.log(), 5, "summary")
+    with idle_daemon.client.watch() as events:
+        snapshots = [e for _, e in zip(range(4), events, strict=False) if isinstance(e, p.SystemSnapshot)]
+    assert snapshots and snapshots[-1].stats.queue_depth == 2
