@@ -206,6 +206,9 @@ def plan_reload(running: Config, loaded: Config) -> tuple[Config, list[str], lis
             merged[section][name] = kept[section][name]
         else:
             merged[section] = kept[section]
-    result = msgspec.convert(merged, Config)
+    try:
+        result = msgspec.convert(merged, Config)
+    except msgspec.ValidationError as exc:  # e.g. the kept default model dropped from [models]
+        raise ConfigError(f"the reloaded configuration does not fit the running one: {exc}") from exc
     result.daemon.socket_path, result.daemon.state_dir = running.daemon.socket_path, running.daemon.state_dir
     return result, applied, refused

@@ -137,11 +137,15 @@ class Daemon:
             log.warning("SIGHUP: no configuration file to reload")
             return
         try:
-            loaded = self._config_loader()
+            config, applied, refused = plan_reload(self.config, self._config_loader())
         except WhisperdError as exc:
             log.error("SIGHUP: configuration not reloaded, the running one stays: %s", exc.message)
             return
-        self.config, applied, refused = plan_reload(self.config, loaded)
+        for job in self.registry.live():  # a model with jobs still queued or running stays served
+            if job.model not in config.models:
+                config.models[job.model] = self.config.models[job.model]
+                refused.append(f"models.{job.model} (jobs still use it)")
+        self.config = config
         estimates = dict(self.settings.model_memory_bytes)  # keep what out-of-memory errors taught us
         self.settings = plan_settings(self.config)
         self.settings = msgspec.structs.replace(
@@ -198,6 +202,8 @@ class Daemon:
         self._enforce_cancel_deadlines()
         if self.draining:
             return max(0.0, next_due - now)
+        if not any(h.idle for h in self.workers.values()):
+            return max(0.0, next_due - now)  # nothing can be placed; a worker that frees up wakes us
         pending = [j for j in self.registry.live() if j.state is JobState.PENDING]
         if pending:
             queue = [
@@ -221,13 +227,14 @@ class Daemon:
                 self._dispatch(
                     placement.worker_id, placement.model, list(placement.job_ids), placement.reserve_bytes
                 )
-            if self.settings.min_batch_size > 1:
-                next_due = min(next_due, min(j.queued_at for j in pending) + self.settings.batch_timeout_s)
+            batch_due = min(j.queued_at for j in pending) + self.settings.batch_timeout_s
+            if self.settings.min_batch_size > 1 and batch_due > now:  # past due: a free worker wakes us
+                next_due = min(next_due, batch_due)
         return max(0.0, next_due - now)
 
     def _dispatch(self, worker_id: str, model: str, job_ids: list[int], reserve_bytes: int) -> None:
         handle = self.workers[worker_id]
-        batch = Batch(id=self._next_batch_id, job_ids=job_ids, model=model)
+        batch = Batch(id=self._next_batch_id, job_ids=job_ids)
         self._next_batch_id += 1
         self.pool.reserve(batch.id, handle.spec.device, reserve_bytes)
         specs = []
@@ -265,8 +272,9 @@ class Daemon:
             and job.id in batch.job_ids
             and job.id not in batch.done_jobs
         ):
-            # Only the job being transcribed has a deadline; one still waiting in the batch is just skipped.
-            running = batch.started_job == job.id
+            # Only the job being transcribed (the first unfinished one: a worker goes in order) has a
+            # deadline; one still waiting in the batch is just skipped when its turn comes.
+            running = next(j for j in batch.job_ids if j not in batch.done_jobs) == job.id
             handle.cancel(job.id, time.monotonic() + self.config.workers.cancel_grace_s if running else None)
         self.wake()
 

@@ -60,7 +60,8 @@ class DevicePool:
 
     def _unseen_reserved_bytes(self, device: str, used_now: int) -> int:
         """Reserved memory the driver does not show yet: the reservations less the growth in used memory
-        since the earliest of them. Conservative: growth from other programs hides nothing of ours."""
+        since the earliest of them. Memory another program takes meanwhile counts as ours showing up, so
+        available can read high by up to that much until our batch ends; the safety margin covers it."""
         mine = [r for r in self._reservations.values() if r.device == device]
         if not mine:
             return 0

@@ -77,6 +77,8 @@ class Handlers:
                     daemon.store.spool_from_fd, fd, daemon.config.daemon.max_audio_bytes
                 )
                 spooled.append(path)
+            if self._registry.waiting_count() + len(request.files) > limit:  # others submitted meanwhile
+                raise QueueFull(f"the queue is at its limit of {limit} jobs; try again later")
             new_jobs = [
                 NewJob(
                     spool_path=path, filename=f.name, owner_uid=caller.uid, model=model,

@@ -29,7 +29,9 @@ class JobEvent(enum.StrEnum):
     FAIL = "fail"  # a failure a retry may fix (worker died, CUDA out of memory, ...)
     FAIL_FATAL = "fail_fatal"  # a failure no retry fixes (audio that does not decode, empty audio)
     BACKOFF_ELAPSED = "backoff_elapsed"  # a RETRYING job goes back to the tail of the queue
-    REQUEUE = "requeue"  # work interrupted through no fault of the job (daemon restart, batch-mate's cancel)
+    # work interrupted through no fault of the job: a daemon restart, its worker killed by the daemon or
+    # dead while the job waited in its batch, a batch stopped by a batch-mate's out-of-memory error
+    REQUEUE = "requeue"
     CANCEL = "cancel"  # the user cancels, from any live state
 
 

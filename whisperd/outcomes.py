@@ -19,15 +19,32 @@ if TYPE_CHECKING:
 log = logging.getLogger("whisperd")
 
 
+# A job still PROCESSING here that the worker calls cancelled was not cancelled by its user (that would have
+# ended it already): the cancel was meant for an earlier run, so it goes back to the queue unharmed.
+_FAILURE_EVENTS = {
+    "fatal": JobEvent.FAIL_FATAL,
+    "retryable": JobEvent.FAIL,
+    "oom": JobEvent.FAIL,
+    "cancelled": JobEvent.REQUEUE,
+    "requeue": JobEvent.REQUEUE,
+}
+
+
 class WorkerOutcomes:
     def __init__(self, daemon: Daemon) -> None:
         self._d = daemon
-        self._kill_reasons: dict[str, str] = {}  # worker id -> why we killed it
+        self._killed: set[str] = set()  # workers killed through no fault of their running job
         self.avoid_devices: dict[int, frozenset[str]] = {}  # job id -> devices it ran out of memory on
+        daemon.registry.on_transition(self._forget_finished)
+
+    def _forget_finished(self, job: JobRecord, old: JobState, event: JobEvent) -> None:
+        if job.state.terminal:
+            self.avoid_devices.pop(job.id, None)
 
     def kill(self, handle: WorkerHandle, reason: str) -> None:
         """Kill a worker through no fault of its running job: on_exit then requeues that job unharmed."""
-        self._kill_reasons[handle.id] = reason
+        log.warning("killing worker %s: %s", handle.id, reason, extra={"WORKER": handle.id})
+        self._killed.add(handle.id)
         handle.kill()
 
     def processing_job(self, handle: WorkerHandle, job_id: int) -> JobRecord | None:
@@ -70,14 +87,13 @@ class WorkerOutcomes:
                 )  # fmt: skip
             elif isinstance(message, wp.Failed):
                 if message.kind == "oom":
-                    self._out_of_memory(handle, batch, job)
-                event = JobEvent.FAIL_FATAL if message.kind == "fatal" else JobEvent.FAIL
-                self._d.registry.apply(job, event, error=message.error)
+                    self._out_of_memory(handle, job)
+                self._d.registry.apply(job, _FAILURE_EVENTS[message.kind], error=message.error)
                 self._d.wake()
 
-    def _out_of_memory(self, handle: WorkerHandle, batch: Batch, job: JobRecord) -> None:
-        """Count it, reserve more for this model from now on, retry the job on another GPU if one fits, and
-        take the batch's jobs not yet started back to the queue, to be placed again in smaller batches."""
+    def _out_of_memory(self, handle: WorkerHandle, job: JobRecord) -> None:
+        """Count it, reserve more for this model from now on and retry the job on another GPU if one fits.
+        The worker stops its batch and hands the rest back (kind "requeue") to be placed again."""
         device = handle.spec.device
         self._d.oom_events[device] = self._d.oom_events.get(device, 0) + 1
         if self._d.oom_observer is not None:
@@ -90,16 +106,12 @@ class WorkerOutcomes:
         log.warning("out of memory on %s (job %d, model %s): reserving %.1f GiB per batch from now on",
                     device, job.id, job.model, estimates[job.model] / 1024**3,
                     extra={"JOB_ID": job.id, "DEVICE": device, "MODEL": job.model})  # fmt: skip
-        for other_id in batch.job_ids:
-            other = self.processing_job(handle, other_id)
-            if other is not None and other_id != job.id and other_id not in batch.done_jobs:
-                handle.cancel(other_id, None)  # not started: the worker skips it
-                self._d.registry.apply(other, JobEvent.REQUEUE)
 
     def on_exit(self, handle: WorkerHandle, batch: Batch | None, returncode: int) -> None:
         """A dead worker's unfinished jobs: the one it was running is retried (it may be the cause), the ones
         it had not reached go back to the queue unharmed."""
-        killed_by_us = self._kill_reasons.pop(handle.id, None) is not None
+        killed_by_us = handle.id in self._killed
+        self._killed.discard(handle.id)
         if batch is None:
             return
         self._d.pool.release(batch.id)

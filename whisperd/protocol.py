@@ -132,7 +132,7 @@ class Submit(_Request, tag="submit", kw_only=True):
     model: str | None = None
     language: str | None = None
     task: Task = "transcribe"
-    priority: int = 0  # higher runs first
+    priority: Annotated[int, msgspec.Meta(ge=-1000, le=1000)] = 0  # higher runs first
     word_timestamps: bool = False
 
 

@@ -8,6 +8,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from whisperd.errors import NotFound
 from whisperd.jobs import JobEvent, JobState, retry_delay_s, transition
 from whisperd.protocol import JobView, Transcript
@@ -77,9 +79,6 @@ class JobRegistry:
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
-    def unsubscribe(self, listener: Listener) -> None:
-        self._listeners.remove(listener)
-
     def live(self) -> list[JobRecord]:
         return list(self._live.values())
 
@@ -140,6 +139,7 @@ class JobRegistry:
         """Take one transition through the state machine (raising if illegal), then persist and publish."""
         old = job.state
         new, retries = transition(old, event, job.retries, self._max_retries)
+        before = msgspec.structs.replace(job)  # to undo the change in memory if the store refuses it
         now = self._clock()
         job.state, job.retries, job.updated_at = new, retries, now
         for name, value in changes.items():
@@ -157,7 +157,12 @@ class JobRegistry:
             if new is JobState.COMPLETED:
                 job.progress = 100.0
             spool, job.spool_path = job.spool_path, None
-        self._store.save_transition(job, old, event.value, transcript)
+        try:
+            self._store.save_transition(job, old, event.value, transcript)
+        except BaseException:
+            for name in job.__struct_fields__:
+                setattr(job, name, getattr(before, name))
+            raise
         self._counts[old] -= 1
         self._counts[new] += 1
         self._waiting.pop(job.id, None)

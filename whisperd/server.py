@@ -125,7 +125,12 @@ class ControlServer:
         loop = asyncio.get_running_loop()
         assert self._sock is not None
         while True:
-            conn, _ = await loop.sock_accept(self._sock)
+            try:
+                conn, _ = await loop.sock_accept(self._sock)
+            except OSError as exc:  # out of descriptors, an aborted connection: wait, never stop serving
+                log.error("accepting a control connection failed: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
             conn.setblocking(False)
             task = asyncio.create_task(self._serve(conn))
             self._connections.add(task)

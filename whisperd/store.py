@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import sqlite3
+import stat
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -133,7 +134,16 @@ class Store:
     # ---- spool ---------------------------------------------------------------------------------------
 
     def spool_from_fd(self, fd: int, max_bytes: int) -> tuple[str, int]:
-        """Copy an open file into the spool and fsync it; blocking, so the daemon runs it in a thread."""
+        """Copy an open file into the spool and fsync it and its directory entry; blocking, so the daemon
+        runs it in a thread. Only regular files: a pipe or a device could block or fill the spool forever."""
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError as exc:
+            raise InvalidAudio(f"cannot read the audio: {exc.strerror}") from exc
+        if stat.S_ISDIR(mode):
+            raise InvalidAudio("that is a directory, not an audio file")
+        if not stat.S_ISREG(mode):
+            raise InvalidAudio("the audio must be a regular file, not a pipe, socket or device")
         target = self.spool_dir / f"{uuid.uuid4().hex}.audio"
         size = 0
         try:
@@ -147,6 +157,11 @@ class Store:
                 os.fsync(out.fileno())
             if size == 0:
                 raise InvalidAudio("the audio file is empty")
+            directory = os.open(self.spool_dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(directory)  # the file's name survives a power cut too, before the submit is acked
+            finally:
+                os.close(directory)
         except OSError as exc:
             target.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -165,10 +180,11 @@ class Store:
 
     def remove_orphan_spool_files(self) -> int:
         """Spool files of submits that crashed before their commit, or of jobs already finished."""
-        live = {r[0] for r in self._db.execute("SELECT spool_path FROM jobs WHERE spool_path IS NOT NULL")}
+        rows = self._db.execute("SELECT spool_path FROM jobs WHERE spool_path IS NOT NULL")
+        live = {Path(r[0]).name for r in rows}  # by name: the state dir may be reached by another path now
         removed = 0
         for path in self.spool_dir.iterdir():
-            if str(path) not in live:
+            if path.name not in live:
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
@@ -204,9 +220,9 @@ class Store:
                 self._add_event(record, None, "submit")
                 records.append(record)
             self._db.execute("COMMIT")
-        except sqlite3.OperationalError as exc:
-            self._db.execute("ROLLBACK")
-            if "full" in str(exc):
+        except BaseException as exc:
+            self._db.execute("ROLLBACK")  # never leave a transaction open behind an error
+            if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
                 raise StorageFull(f"the job store is full: {exc}") from exc
             raise
         return records

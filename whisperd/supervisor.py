@@ -20,7 +20,7 @@ Spawner = Callable[..., Awaitable[asyncio.subprocess.Process]]
 
 
 class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
-    id: str  # "cpu0", "cuda:1/0"
+    id: str  # "cpu0", "gpu1", "gpu1.1" (a second worker on GPU 1)
     device: str  # "cpu" or "cuda:N"
     argv: tuple[str, ...]
     env: Mapping[str, str]
@@ -29,7 +29,6 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
 class Batch(msgspec.Struct, kw_only=True):
     id: int
     job_ids: list[int]
-    model: str
     started_job: int | None = None  # the job the worker is transcribing now
     done_jobs: set[int] = msgspec.field(default_factory=set)
 
@@ -68,6 +67,7 @@ class WorkerHandle:
         self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._stopped = asyncio.Event()
         self.ready = asyncio.Event()
         self.batch: Batch | None = None
         self.models: set[str] = set()
@@ -109,12 +109,16 @@ class WorkerHandle:
             self.ready.clear()
             self.models.clear()
             self.cancel_deadline = None
-            self._on_exit(self, batch, returncode)
+            try:
+                self._on_exit(self, batch, returncode)
+            except Exception:  # the handle must go on restarting whatever the daemon failed to record
+                log.exception("handling the exit of worker %s failed", self.id)
             if loop.time() - started > 60:
                 backoff = self._backoff_s  # it ran for a while: the crash was not a start-up loop
             self.restarts += 1
             log.warning("worker %s exited with %s; restarting in %.1fs", self.id, returncode, backoff)
-            await asyncio.sleep(backoff)
+            with contextlib.suppress(TimeoutError):  # a stop() cuts the wait short
+                await asyncio.wait_for(self._stopped.wait(), backoff)
             backoff = min(self._backoff_max_s, backoff * 2)
 
     async def _run_once(self) -> int:
@@ -131,6 +135,8 @@ class WorkerHandle:
             log.error("cannot start worker %s: %s", self.id, exc)
             return -1
         assert self._proc.stdout is not None
+        if self._stopping and self._proc.stdin is not None:
+            self._proc.stdin.close()  # stop() came while it was starting: let it exit at once
         log.info(
             "worker %s started (pid %d)",
             self.id,
@@ -146,7 +152,15 @@ class WorkerHandle:
             if isinstance(message, wp.Ready):
                 self.models = set(message.models)
                 self.ready.set()
-            self._on_message(self, message)
+            try:
+                self._on_message(self, message)
+            except Exception:
+                # What the daemon could not record it must not believe: restart the worker, whose exit
+                # then settles its batch.
+                log.exception(
+                    "handling %s from worker %s failed: restarting it", type(message).__name__, self.id
+                )
+                self.kill()
         return await self._proc.wait()
 
     def _write(self, message: wp.ToWorker) -> None:
@@ -174,6 +188,7 @@ class WorkerHandle:
         """Close stdin so the worker finishes its batch (its results still arrive) and exits; kill it if it
         takes longer than timeout_s."""
         self._stopping = True
+        self._stopped.set()
         proc, task = self._proc, self._task
         if proc is not None and proc.returncode is None and proc.stdin is not None:
             proc.stdin.close()

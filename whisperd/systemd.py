@@ -8,7 +8,7 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 log = logging.getLogger("whisperd.systemd")
 SD_LISTEN_FDS_START = 3
@@ -70,12 +70,11 @@ class Notifier:
             return None
         return int(usec) / 2 / 1_000_000
 
-    async def watchdog(self, interval_s: float, alive: Callable[[], bool] = lambda: True) -> None:
+    async def watchdog(self, interval_s: float) -> None:
         """Runs on the event loop itself: a loop that is wedged stops petting the watchdog, and systemd
         kills and restarts the daemon."""
         while True:
-            if alive():
-                self.notify("WATCHDOG=1")
+            self.notify("WATCHDOG=1")
             await asyncio.sleep(interval_s)
 
 

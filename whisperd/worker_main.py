@@ -33,9 +33,7 @@ def die_with_parent() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
-        pass
-    if os.getppid() == 1:
-        sys.exit(0)
+        pass  # then the closed stdin still ends us when the daemon goes
 
 
 def classify(exc: BaseException) -> wp.FailureKind:
@@ -84,8 +82,15 @@ class Worker:
     def run(self) -> None:
         self.send(wp.Ready(pid=os.getpid(), models=list(self._models)))
         while (batch := self._batches.get()) is not None:
+            out_of_memory = False
             for spec in batch.jobs:
-                self.run_job(spec)
+                if out_of_memory:  # the rest goes back to the daemon, to be placed again with more room
+                    self._cancelled.discard(spec.job_id)
+                    self.send(
+                        wp.Failed(job_id=spec.job_id, kind="requeue", error="batch stopped: out of memory")
+                    )
+                else:
+                    out_of_memory = self.run_job(spec) == "oom"
             self.send(wp.BatchDone(batch_id=batch.batch_id, models=list(self._models)))
 
     def model(self, name: str, source: str) -> Any:
@@ -115,10 +120,17 @@ class Worker:
         self._models[name] = model
         return model
 
-    def run_job(self, spec: wp.JobSpec) -> None:
+    def run_job(self, spec: wp.JobSpec) -> wp.FailureKind | None:
+        """Run one job and report it; returns how it failed, if it did."""
         if spec.job_id in self._cancelled:
+            self._cancelled.discard(spec.job_id)
             self.send(wp.Failed(job_id=spec.job_id, kind="cancelled", error="cancelled"))
-            return
+            return "cancelled"
+        kind = self._attempt(spec)
+        self._cancelled.discard(spec.job_id)  # a late cancel must not poison the job's next run here
+        return kind
+
+    def _attempt(self, spec: wp.JobSpec) -> wp.FailureKind | None:
         self.send(wp.Started(job_id=spec.job_id))
         started = time.monotonic()
         try:
@@ -127,31 +139,31 @@ class Worker:
             audio = decode_audio(spec.audio_path)
         except Exception as exc:  # PyAV raises many types; none of them a retry can fix
             self.send(wp.Failed(job_id=spec.job_id, kind="fatal", error=f"audio does not decode: {exc}"))
-            return
+            return "fatal"
         if len(audio) == 0:
             self.send(wp.Failed(job_id=spec.job_id, kind="fatal", error="the audio holds no samples"))
-            return
+            return "fatal"
         try:
             model = self.model(spec.model, spec.model_source)
         except Exception as exc:
             kind: wp.FailureKind = "oom" if classify(exc) == "oom" else "fatal"
             error = f"model {spec.model!r} cannot be loaded: {exc}"
             self.send(wp.Failed(job_id=spec.job_id, kind=kind, error=error))
-            return
+            return kind
         try:
             transcript = self.transcribe(model, audio, spec)
         except JobCancelled:
             self.send(wp.Failed(job_id=spec.job_id, kind="cancelled", error="cancelled"))
-            return
+            return "cancelled"
         except Exception as exc:
             log.exception("job %d failed", spec.job_id)
-            self.send(wp.Failed(job_id=spec.job_id, kind=classify(exc), error=str(exc) or type(exc).__name__))
-            return
-        finally:
-            self._cancelled.discard(spec.job_id)
+            failure = classify(exc)
+            self.send(wp.Failed(job_id=spec.job_id, kind=failure, error=str(exc) or type(exc).__name__))
+            return failure
         self.send(
             wp.Finished(job_id=spec.job_id, transcript=transcript, processing_s=time.monotonic() - started)
         )
+        return None
 
     def transcribe(self, model: Any, audio: Any, spec: wp.JobSpec) -> Transcript:
         segments_iter, info = model.transcribe(

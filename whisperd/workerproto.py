@@ -37,7 +37,8 @@ ToWorker = RunBatch | CancelJob
 
 # worker -> daemon
 
-FailureKind = Literal["fatal", "retryable", "oom", "cancelled"]
+# requeue: not attempted, through no fault of the job (the batch stopped after an out-of-memory error)
+FailureKind = Literal["fatal", "retryable", "oom", "cancelled", "requeue"]
 
 
 class Ready(msgspec.Struct, tag="ready", kw_only=True):

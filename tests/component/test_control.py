@@ -88,6 +88,10 @@ def test_ping_from_a_raw_line(idle_daemon: DaemonProcess) -> None:
         (b'{"op": "status", "limit": 0}\n', "bad_request"),
         (b'{"op": "submit", "files": [{"name": "x", "fd_index": 0}]}\n', "bad_request"),
         (b'{"op": "result", "id": 999}\n', "not_found"),
+        (
+            b'{"op": "submit", "files": [{"name": "x", "path": "/x"}], "priority": 18446744073709551615}\n',
+            "bad_request",
+        ),
     ],
 )
 def test_bad_requests_get_an_error_and_the_connection_goes_on(
@@ -242,3 +246,22 @@ def test_the_performance_monitor_logs_a_summary_and_feeds_watchers(
     with idle_daemon.client.watch() as events:
         snapshots = [e for _, e in zip(range(4), events, strict=False) if isinstance(e, p.SystemSnapshot)]
     assert snapshots and snapshots[-1].stats.queue_depth == 2
+
+
+def test_only_regular_files_are_spooled(idle_daemon: DaemonProcess) -> None:
+    """A pipe could block a spooling thread forever, a device fill the spool: both are refused."""
+    from whisperctl.client import Connection
+    from whisperd import protocol as p
+
+    read_end, write_end = os.pipe()
+    try:
+        conn = Connection(idle_daemon.socket, 10)
+        conn.send(p.Submit(files=[p.SubmitFile(name="pipe", fd_index=0)]), [read_end])
+        with pytest.raises(RemoteError, match="regular file") as refused:
+            conn.receive()
+        assert refused.value.code == "invalid_audio"
+        conn.close()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert idle_daemon.client.status() == []

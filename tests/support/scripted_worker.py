@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 from whisperd import workerproto as wp
@@ -29,13 +28,17 @@ def main() -> None:
         if isinstance(command, wp.CancelJob):
             cancelled.add(command.job_id)
             continue
+        out_of_memory = False
         for spec in command.jobs:
+            if out_of_memory:  # as the real worker: the rest of the batch goes back to the queue
+                send(wp.Failed(job_id=spec.job_id, kind="requeue", error="batch stopped: out of memory"))
+                continue
             send(wp.Started(job_id=spec.job_id))
             marker = state / f"oom-{spec.job_id}"
             if spec.job_id in oom_jobs and not marker.exists():
                 marker.touch()
                 send(wp.Failed(job_id=spec.job_id, kind="oom", error="CUDA failed with error out of memory"))
-                time.sleep(0.2)  # the daemon's cancel of the batch-mates arrives while we "recover"
+                out_of_memory = True
                 continue
             transcript = Transcript(
                 language="en", language_probability=1.0, duration_s=1.0, text=f"job {spec.job_id}",
