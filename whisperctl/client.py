@@ -14,6 +14,7 @@ from typing import TypeVar
 from whisperd import protocol as p
 from whisperd.config import resolve_socket_path
 from whisperd.errors import BadRequest, ProtocolError, WhisperdError
+from whisperd.jobs import JobState
 
 R = TypeVar("R", bound=p.Reply)
 
@@ -113,8 +114,6 @@ class Client:
                 os.close(fd)
 
     def status(self, ids: Sequence[int] = (), state: str | None = None, limit: int = 1000) -> list[p.JobView]:
-        from whisperd.jobs import JobState
-
         request = p.Status(ids=list(ids), state=JobState(state) if state else None, limit=limit)
         return self.request(request, p.Jobs).jobs
 

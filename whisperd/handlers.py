@@ -13,7 +13,15 @@ import msgspec
 from whisperd import __version__
 from whisperd import protocol as p
 from whisperd.daemon import Daemon
-from whisperd.errors import BadRequest, PermissionDenied, QueueFull, ShuttingDown, UnknownModel, WhisperdError
+from whisperd.errors import (
+    BadRequest,
+    NotReady,
+    PermissionDenied,
+    QueueFull,
+    ShuttingDown,
+    UnknownModel,
+    WhisperdError,
+)
 from whisperd.store import NewJob
 
 
@@ -138,8 +146,6 @@ class Handlers:
         return p.Jobs(jobs=done, errors=errors)
 
     async def result(self, request: p.Result, caller: Caller, fds: list[int]) -> p.Reply:
-        from whisperd.errors import NotReady
-
         job = self._registry.get(request.id)
         if not may_control(job.owner_uid, caller.uid, self._uid):
             raise PermissionDenied(f"job {job.id} belongs to uid {job.owner_uid}")

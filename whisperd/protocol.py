@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from whisperd.errors import ProtocolError, RequestTooLarge
+from whisperd.errors import BadRequest, ProtocolError, RequestTooLarge, UnknownOp
 from whisperd.jobs import JobState
 
 PROTOCOL_VERSION = 1
@@ -231,14 +231,10 @@ def decode_request(line: bytes) -> Request:
     try:
         return request_decoder.decode(line)
     except msgspec.ValidationError as exc:
-        from whisperd.errors import BadRequest, UnknownOp
-
         if "$.op" in str(exc) or "missing required field `op`" in str(exc):
             raise UnknownOp(f"unknown or missing op: {exc}") from exc
         raise BadRequest(f"invalid request: {exc}") from exc
     except msgspec.DecodeError as exc:
-        from whisperd.errors import BadRequest
-
         raise BadRequest(f"malformed JSON: {exc}") from exc
 
 
