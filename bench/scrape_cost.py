@@ -22,12 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.support.daemon import DaemonProcess, scrape  # noqa: E402
-from whisperd.store import Store  # noqa: E402
+from whisperd.sqlite_store import SqliteStore  # noqa: E402
 
 
 def fill(state: Path, jobs: int) -> None:
-    """Rows as the daemon writes them, in bulk (the schema comes from Store itself)."""
-    Store(state).close()
+    """Rows as the daemon writes them, in bulk (the schema comes from the store itself)."""
+    SqliteStore(state / "jobs.sqlite3").close()
     now = time.time()
     with sqlite3.connect(state / "jobs.sqlite3") as db:
         db.executemany(

@@ -10,16 +10,15 @@ import sys
 from pathlib import Path
 
 from whisperd import __version__, systemd
-from whisperd import protocol as p
+from whisperd.app import App
 from whisperd.config import load_config
-from whisperd.daemon import Daemon
 from whisperd.errors import WhisperdError
 from whisperd.gpuprobe import NvmlProbe
-from whisperd.handlers import Handlers
-from whisperd.metrics import build_registries
 from whisperd.metrics_http import MetricsServer
 from whisperd.server import ControlServer, bind_socket
-from whisperd.store import Store
+from whisperd.spool import Spool
+from whisperd.sqlite_store import SqliteStore
+from whisperd.views import Views
 
 log = logging.getLogger("whisperd")
 EXIT_CONFIG = 2
@@ -46,16 +45,16 @@ def setup_logging(level: str) -> None:
     root.setLevel(level.upper())
 
 
-def status_line(daemon: Daemon) -> str:
+def status_line(views: Views) -> str:
     """The short queue summary systemctl status shows."""
-    stats = daemon.stats()
+    stats = views.stats()
     up = sum(1 for w in stats.workers if w.state in ("idle", "busy"))
     return f"{stats.queue_depth} waiting, {stats.running_jobs} running, {up}/{len(stats.workers)} workers up"
 
 
-async def _report_status(notifier: systemd.Notifier, daemon: Daemon) -> None:
+async def _report_status(notifier: systemd.Notifier, views: Views) -> None:
     while True:
-        notifier.status(status_line(daemon))  # sent only when it changes
+        notifier.status(status_line(views))  # sent only when it changes
         await asyncio.sleep(1.0)
 
 
@@ -65,24 +64,14 @@ async def serve(config_path: Path | None, log_level: str | None) -> int:
     notifier = systemd.Notifier()
     state_dir = Path(config.daemon.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-    store = Store(state_dir)
-    daemon = Daemon(
-        config,
-        store,
-        NvmlProbe(exclude=frozenset(config.gpu.exclude)),
+    store = SqliteStore(state_dir / "jobs.sqlite3")
+    app = App(
+        config, store, Spool(state_dir / "spool"), NvmlProbe(exclude=frozenset(config.gpu.exclude)),
         config_loader=lambda: load_config(config_path),
-    )
-    daemon.install_signal_handlers()
-    gpu_registry, system_registry, events = build_registries(daemon)
-    daemon.tick_observer = events.tick.observe
-    daemon.oom_observer = lambda device: events.oom.labels(device.removeprefix("cuda:")).inc()
-    metrics = MetricsServer({"/metrics": system_registry, "/metrics/gpu": gpu_registry})
-    server = ControlServer(
-        Handlers(daemon),
-        daemon.watchers,
-        lambda: [p.DeviceSnapshot(devices=daemon.device_views()), p.SystemSnapshot(stats=daemon.stats())],
-        config.daemon.max_request_bytes,
-    )
+    )  # fmt: skip
+    app.daemon.install_signal_handlers()
+    metrics = MetricsServer({"/metrics": app.system_metrics, "/metrics/gpu": app.gpu_metrics})
+    server = ControlServer(app.handlers, app.watchers, app.snapshot, config.daemon.max_request_bytes)
     socket_path = Path(config.daemon.socket_path)
     sock = systemd.listen_socket()  # socket activation: whisperd.socket holds the socket for us
     owns_socket = sock is None
@@ -93,18 +82,18 @@ async def serve(config_path: Path | None, log_level: str | None) -> int:
         if config.metrics.enabled:
             await metrics.start(config.metrics.listen)
         notifier.status("recovering the queue and starting workers")
-        await daemon.start()
+        await app.daemon.start()
         await server.start(sock)
         where = socket_path if owns_socket else "the socket systemd passed"
         log.info("whisperd %s ready on %s (state in %s)", __version__, where, state_dir)
-        notifier.ready(status_line(daemon))
-        background.append(asyncio.create_task(_report_status(notifier, daemon)))
+        notifier.ready(status_line(app.views))
+        background.append(asyncio.create_task(_report_status(notifier, app.views)))
         if (interval := notifier.watchdog_interval_s()) is not None:
             background.append(asyncio.create_task(notifier.watchdog(interval)))
-        await daemon.run_until_stopped()
-        notifier.stopping(f"draining: {status_line(daemon)}")
+        await app.run()
+        notifier.stopping(f"draining: {status_line(app.views)}")
         await server.stop_accepting()
-        await daemon.drain(config.daemon.drain_timeout_s)
+        await app.drain(app.daemon.config.daemon.drain_timeout_s)
     finally:
         for task in background:
             task.cancel()

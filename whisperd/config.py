@@ -38,10 +38,10 @@ class DaemonConfig(_Section):
 
 
 class SchedulerConfig(_Section):
-    schedule_interval_s: Positive = 2.0  # the seed's BATCH_SCHEDULE_INTERVAL
+    schedule_interval_s: Positive = 2.0  # between rounds when nothing wakes the scheduler sooner
     gpu_monitor_interval_s: Positive = 5.0
     performance_monitor_interval_s: Positive = 30.0
-    batch_timeout_s: Positive = 5.0  # the seed's BATCH_TIMEOUT: longest wait to fill min_batch_size
+    batch_timeout_s: Positive = 5.0  # longest wait to fill min_batch_size
     min_batch_size: PositiveInt = 1
     max_batch_size: PositiveInt = 3
     memory_safety_margin: Ratio = 0.10  # share of a GPU's total memory left free after a reservation

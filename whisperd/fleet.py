@@ -1,47 +1,192 @@
-"""Which worker processes to run: a pure function of the config and the GPUs NVML reports."""
+"""The fleet: every worker process and the batch each one runs. The one owner of "which worker runs what":
+it hands out batches (reserving their device memory), follows each batch through its worker's reports,
+enforces cancel deadlines on the injected clock, and hands what the reports mean to the outcomes."""
 
 from __future__ import annotations
 
-from whisperd.config import Config
-from whisperd.gpupool import CPU, estimate_model_memory_bytes, gpu_name
-from whisperd.gpuprobe import GpuReading
-from whisperd.supervisor import WorkerSpec, worker_argv
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from whisperd import workerproto as wp
+from whisperd.batch import Batch
+from whisperd.gpupool import DevicePool
+from whisperd.protocol import WorkerView
+from whisperd.scheduling import WorkerSlot
+from whisperd.supervisor import Spawner, WorkerHandle, WorkerSpec
+
+log = logging.getLogger("whisperd")
 
 
-def worker_specs(config: Config, gpus: list[GpuReading], cpu_count: int) -> list[WorkerSpec]:
-    """One worker per GPU slot, pinned with CUDA_VISIBLE_DEVICES (by UUID, which no enumeration order can
-    confuse); CPU workers as configured, or one per core when no GPU worker runs."""
-    w, g = config.workers, config.gpu
-    default = config.transcribe.default_model
-    preload = (default, config.models[default])
-    specs: list[WorkerSpec] = []
-    if g.enabled:
-        compute = g.compute_type if g.worker_device == "cuda" else w.cpu_compute_type
-        argv = worker_argv(g.worker_device, compute, w.cpu_threads, w.max_models_per_worker, preload)
-        for gpu in gpus:
-            if gpu.index in g.exclude:
-                continue
-            for slot in range(g.workers_per_gpu):
-                env = {
-                    "CUDA_VISIBLE_DEVICES": gpu.uuid or str(gpu.index),
-                    "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-                    "OMP_NUM_THREADS": str(w.cpu_threads),
-                }
-                worker_id = f"gpu{gpu.index}" + (f".{slot}" if slot else "")
-                specs.append(WorkerSpec(id=worker_id, device=gpu_name(gpu.index), argv=argv, env=env))
-    cpu_workers = w.cpu_workers
-    if cpu_workers < 0:
-        cpu_workers = 0 if specs else cpu_count
-    argv = worker_argv("cpu", w.cpu_compute_type, w.cpu_threads, w.max_models_per_worker, preload)
-    env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(w.cpu_threads)}
-    specs += [WorkerSpec(id=f"cpu{i}", device=CPU, argv=argv, env=env) for i in range(cpu_workers)]
-    return specs
+class WorkerEvents(Protocol):
+    """What the fleet reports about jobs (implemented by outcomes.WorkerOutcomes)."""
+
+    def job_message(self, worker_id: str, device: str, message: wp.JobMessage) -> None: ...
+
+    def batch_interrupted(
+        self, worker_id: str, unfinished: Sequence[int], culprit: int | None, error: str
+    ) -> None: ...
 
 
-def model_memory_bytes(config: Config) -> dict[str, int]:
-    """What a batch of each configured model reserves on a GPU: the config's figure, else an estimate."""
-    return {
-        name: config.gpu.model_memory_bytes.get(name)
-        or estimate_model_memory_bytes(name, source, config.gpu.compute_type)
-        for name, source in config.models.items()
-    }
+class Fleet:
+    def __init__(
+        self,
+        pool: DevicePool,
+        events: WorkerEvents,
+        wake: Callable[[], None],
+        clock: Callable[[], float],
+        spawner: Spawner,
+        cancel_grace_s: float,
+        restart_backoff_s: float,
+        restart_backoff_max_s: float,
+    ) -> None:
+        self._pool = pool
+        self._events = events
+        self._wake = wake
+        self._clock = clock
+        self._spawner = spawner
+        self.cancel_grace_s = cancel_grace_s
+        self._restart_backoff = (restart_backoff_s, restart_backoff_max_s)
+        self._handles: dict[str, WorkerHandle] = {}
+        self._batches: dict[str, Batch] = {}  # by worker id, while it runs one
+        self._killed: set[str] = set()  # workers killed through no fault of their running job
+        self._next_batch_id = 1
+
+    # ---- life ----------------------------------------------------------------------------------------
+
+    def start(self, specs: Sequence[WorkerSpec]) -> None:
+        for spec in specs:
+            handle = WorkerHandle(
+                spec, self._on_message, self._on_exit, *self._restart_backoff, self._spawner
+            )
+            self._handles[spec.id] = handle
+            handle.start()
+
+    async def wait_ready(self, timeout_s: float) -> int:
+        """Wait until every worker is up or timeout_s passes; returns how many are up."""
+        waits = [asyncio.create_task(h.ready.wait()) for h in self._handles.values()]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+        return sum(h.ready.is_set() for h in self._handles.values())
+
+    async def stop(self, timeout_s: float) -> None:
+        """Let running batches finish within timeout_s (their results still arrive), then stop the workers."""
+        await asyncio.gather(*(h.stop(timeout_s) for h in self._handles.values()))
+
+    # ---- work ----------------------------------------------------------------------------------------
+
+    def _idle(self, handle: WorkerHandle) -> bool:
+        return handle.up and handle.id not in self._batches
+
+    def any_idle(self) -> bool:
+        return any(self._idle(h) for h in self._handles.values())
+
+    def slots(self) -> list[WorkerSlot]:
+        return [
+            WorkerSlot(id=h.id, device=h.spec.device, idle=self._idle(h), models=tuple(sorted(h.models)))
+            for h in self._handles.values()
+        ]
+
+    def device_of(self, worker_id: str) -> str:
+        return self._handles[worker_id].spec.device
+
+    def dispatch(self, worker_id: str, jobs: Sequence[wp.JobSpec], reserve_bytes: int) -> Batch:
+        handle = self._handles[worker_id]
+        batch = Batch(self._next_batch_id, [j.job_id for j in jobs])
+        self._next_batch_id += 1
+        self._pool.reserve(batch.id, handle.spec.device, reserve_bytes)
+        self._batches[worker_id] = batch
+        handle.send(wp.RunBatch(batch_id=batch.id, jobs=list(jobs)))
+        return batch
+
+    def cancel(self, worker_id: str, job_id: int) -> None:
+        """Tell the worker to stop the job. Only the job it is on gets a deadline, after which the worker is
+        killed; one still waiting in the batch is skipped when its turn comes."""
+        handle, batch = self._handles.get(worker_id), self._batches.get(worker_id)
+        if handle is None or batch is None or not batch.holds(job_id):
+            return
+        if batch.current_job == job_id:
+            batch.cancel_deadline_for(job_id, self._clock() + self.cancel_grace_s)
+            self._wake()  # the loop then sleeps no longer than the deadline
+        handle.send(wp.CancelJob(job_id=job_id))
+
+    def enforce_cancel_deadlines(self) -> float | None:
+        """Kill the workers whose cancelled job outlived its deadline; returns the next deadline, if any."""
+        now = self._clock()
+        next_deadline: float | None = None
+        for worker_id, batch in list(self._batches.items()):
+            if batch.cancel_overdue(now):
+                self.kill(worker_id, "it did not stop a cancelled job in time")
+            elif (deadline := batch.cancel_deadline) is not None:
+                next_deadline = deadline if next_deadline is None else min(next_deadline, deadline)
+        return next_deadline
+
+    def abandon_device(self, device: str) -> None:
+        """A GPU stopped answering: kill its busy workers, so their jobs go back to the queue unharmed."""
+        for worker_id in list(self._batches):
+            if self._handles[worker_id].spec.device == device:
+                self.kill(worker_id, f"{device} was lost")
+
+    def kill(self, worker_id: str, reason: str) -> None:
+        """Kill a worker through no fault of its running job: its death then requeues that job unharmed."""
+        log.warning("killing worker %s: %s", worker_id, reason, extra={"WORKER": worker_id})
+        self._killed.add(worker_id)
+        self._handles[worker_id].kill()
+
+    # ---- what workers report ---------------------------------------------------------------------------
+
+    def _on_message(self, handle: WorkerHandle, message: wp.FromWorker) -> None:
+        if isinstance(message, wp.Ready):
+            self._wake()
+            return
+        batch = self._batches.get(handle.id)
+        if isinstance(message, wp.BatchDone):
+            handle.models = set(message.models)
+            if batch is not None and batch.id == message.batch_id:
+                self._end_batch(handle.id)
+                self._wake()
+            return
+        if batch is None or not batch.holds(message.job_id):
+            return  # about a batch already settled (the worker was killed and this is its last word)
+        if isinstance(message, wp.Started):
+            batch.start(message.job_id)
+        elif isinstance(message, wp.Finished | wp.Failed | wp.Stopped):
+            batch.finish(message.job_id)
+        self._events.job_message(handle.id, handle.spec.device, message)
+
+    def _on_exit(self, handle: WorkerHandle, returncode: int) -> None:
+        killed_by_us = handle.id in self._killed
+        self._killed.discard(handle.id)
+        batch = self._end_batch(handle.id)
+        if batch is None:
+            return
+        culprit = None if killed_by_us else batch.running_job
+        error = f"worker {handle.id} died (exit status {returncode})"
+        self._events.batch_interrupted(handle.id, batch.unfinished(), culprit, error)
+
+    def _end_batch(self, worker_id: str) -> Batch | None:
+        batch = self._batches.pop(worker_id, None)
+        if batch is not None:
+            self._pool.release(batch.id)
+        return batch
+
+    # ---- views ---------------------------------------------------------------------------------------
+
+    def views(self) -> list[WorkerView]:
+        return [self._view(h) for h in self._handles.values()]
+
+    def _view(self, handle: WorkerHandle) -> WorkerView:
+        batch = self._batches.get(handle.id)
+        if handle.stopping:
+            state = "stopped"
+        elif not handle.ready.is_set():
+            state = "starting"
+        else:
+            state = "busy" if batch else "idle"
+        return WorkerView(
+            id=handle.id, device=handle.spec.device, pid=handle.pid, state=state,
+            models=sorted(handle.models), jobs=list(batch.job_ids) if batch else [], restarts=handle.restarts,
+        )  # fmt: skip

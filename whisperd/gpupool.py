@@ -1,6 +1,7 @@
 """Device memory accounting: the latest probe readings plus whisperd's own reservations.
 
-`get_gpu_status()` answers the scheduler with each device's available memory: what the driver reports
+`device_status()` answers the scheduler with each device (the GPUs and, where CPU workers run, the CPU) and
+its available memory: what the driver reports
 free, less what whisperd reserved for batches whose memory the driver does not show yet.
 """
 
@@ -26,11 +27,16 @@ class Reservation(msgspec.Struct, kw_only=True):
 
 
 class DevicePool:
-    def __init__(self, cpu: bool) -> None:
+    def __init__(self, cpu: bool = False) -> None:
         self._cpu = cpu
         self._readings: dict[str, GpuReading] = {}
         self._reservations: dict[int, Reservation] = {}  # by batch id
         self._running: dict[str, int] = {}
+
+    def configure(self, cpu: bool, readings: list[GpuReading]) -> None:
+        """At start, once the workers are known: whether CPU workers run, and the GPUs as first read."""
+        self._cpu = cpu
+        self.update(readings)
 
     @property
     def gpu_names(self) -> list[str]:
@@ -69,7 +75,7 @@ class DevicePool:
         seen = max(0, used_now - baseline)
         return max(0, sum(r.memory_bytes for r in mine) - seen)
 
-    def get_gpu_status(self) -> dict[str, DeviceStatus]:
+    def device_status(self) -> dict[str, DeviceStatus]:
         status: dict[str, DeviceStatus] = {}
         if self._cpu:
             status[CPU] = DeviceStatus(name=CPU, healthy=True, running_batches=self._running.get(CPU, 0))
@@ -88,7 +94,7 @@ class DevicePool:
 
     def views(self, workers_by_device: dict[str, int]) -> list[DeviceView]:
         views = []
-        for name, s in self.get_gpu_status().items():
+        for name, s in self.device_status().items():
             r = self._readings.get(name)
             views.append(
                 DeviceView(
@@ -109,26 +115,3 @@ class DevicePool:
                 )
             )
         return views
-
-
-# GPU memory of one batch (model weights plus decoding buffers for beam 5), in GiB, measured roughly on
-# faster-whisper; the sizes are matched against the model's name and source.
-_ESTIMATES_GIB: dict[str, tuple[float, float]] = {  # size: (float16, int8)
-    "large": (4.5, 2.9),
-    "turbo": (2.5, 1.6),
-    "medium": (2.6, 1.5),
-    "small": (1.2, 0.8),
-    "base": (0.6, 0.5),
-    "tiny": (0.5, 0.4),
-}
-_UNKNOWN_MODEL_GIB = (5.0, 3.0)  # err on the safe side: waiting is fine, out-of-memory is not
-
-
-def estimate_model_memory_bytes(name: str, source: str, compute_type: str) -> int:
-    int8 = "int8" in compute_type
-    text = f"{name} {source}".lower()
-    for size, (fp16_gib, int8_gib) in _ESTIMATES_GIB.items():
-        if size in text:
-            return int((int8_gib if int8 else fp16_gib) * 1024**3)
-    fp16_gib, int8_gib = _UNKNOWN_MODEL_GIB
-    return int((int8_gib if int8 else fp16_gib) * 1024**3)

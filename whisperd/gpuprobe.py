@@ -96,23 +96,6 @@ class NvmlProbe:
             log.warning("NVML shutdown failed: %s", exc)
 
 
-class NullProbe:
-    """The probe for machines (or configurations) without GPUs: nothing to start, nothing to read."""
-
-    def start(self) -> bool:
-        return False
-
-    @property
-    def driver_version(self) -> str | None:
-        return None
-
-    def read(self) -> list[GpuReading]:
-        return []
-
-    def close(self) -> None:
-        pass
-
-
 def _read_gpu(index: int) -> GpuReading:
     """Read every field it can; the first NVML failure marks the GPU unhealthy.
 

@@ -12,7 +12,7 @@ import msgspec
 
 from whisperd import __version__
 from whisperd import protocol as p
-from whisperd.daemon import Daemon
+from whisperd.config import Config
 from whisperd.errors import (
     BadRequest,
     NotReady,
@@ -22,7 +22,12 @@ from whisperd.errors import (
     UnknownModel,
     WhisperdError,
 )
+from whisperd.fleet import Fleet
+from whisperd.jobs import JobEvent
+from whisperd.registry import JobRegistry
+from whisperd.spool import Spool
 from whisperd.store import NewJob
+from whisperd.views import Views
 
 
 class Caller(msgspec.Struct, frozen=True):
@@ -42,10 +47,26 @@ def may_control(owner_uid: int, caller_uid: int, daemon_uid: int) -> bool:
 
 
 class Handlers:
-    def __init__(self, daemon: Daemon) -> None:
-        self._daemon = daemon
-        self._registry = daemon.registry
-        self._uid = os.geteuid()
+    def __init__(
+        self,
+        registry: JobRegistry,
+        spool: Spool,
+        fleet: Fleet,
+        views: Views,
+        config: Callable[[], Config],
+        is_draining: Callable[[], bool],
+        wake: Callable[[], None],
+        daemon_uid: int,
+    ) -> None:
+        """config: the running configuration, read afresh per request (a reload replaces it)."""
+        self._registry = registry
+        self._spool = spool
+        self._fleet = fleet
+        self._views = views
+        self._config = config
+        self._is_draining = is_draining
+        self._wake = wake
+        self._uid = daemon_uid
         self._table: dict[type[Any], Callable[[Any, Caller, list[int]], Awaitable[p.Reply]]] = {
             p.Ping: self.ping,
             p.Submit: self.submit,
@@ -63,16 +84,16 @@ class Handlers:
         return p.Pong(version=__version__)
 
     async def submit(self, request: p.Submit, caller: Caller, fds: list[int]) -> p.Reply:
-        daemon = self._daemon
-        if daemon.draining:
+        config = self._config()
+        if self._is_draining():
             raise ShuttingDown("whisperd is shutting down and accepts no new work")
-        model = request.model or daemon.config.transcribe.default_model
-        if model not in daemon.config.models:
-            known = ", ".join(sorted(daemon.config.models))
+        model = request.model or config.transcribe.default_model
+        if model not in config.models:
+            known = ", ".join(sorted(config.models))
             raise UnknownModel(f"unknown model {model!r}; this daemon serves: {known}")
         if not request.files:
             raise BadRequest("submit needs at least one file")
-        limit = daemon.config.daemon.max_queued_jobs
+        limit = config.daemon.max_queued_jobs
         if self._registry.waiting_count() + len(request.files) > limit:
             raise QueueFull(f"the queue is at its limit of {limit} jobs; try again later")
         sources: list[tuple[int, bool]] = []
@@ -81,9 +102,7 @@ class Handlers:
             for f in request.files:
                 sources.append(self._open(f, caller, fds))
             for fd, _owned in sources:
-                path, _ = await asyncio.to_thread(
-                    daemon.store.spool_from_fd, fd, daemon.config.daemon.max_audio_bytes
-                )
+                path, _ = await asyncio.to_thread(self._spool.copy_from_fd, fd, config.daemon.max_audio_bytes)
                 spooled.append(path)
             if self._registry.waiting_count() + len(request.files) > limit:  # others submitted meanwhile
                 raise QueueFull(f"the queue is at its limit of {limit} jobs; try again later")
@@ -98,13 +117,13 @@ class Handlers:
             records = self._registry.add(new_jobs)
         except BaseException:
             for path in spooled:
-                daemon.store.discard_spool(path)
+                self._spool.discard(path)
             raise
         finally:
             for fd, owned in sources:
                 if owned:
                     os.close(fd)
-        daemon.wake()
+        self._wake()
         return p.Jobs(jobs=[r.view() for r in records])
 
     def _open(self, f: p.SubmitFile, caller: Caller, fds: list[int]) -> tuple[int, bool]:
@@ -139,24 +158,28 @@ class Handlers:
                     raise PermissionDenied(f"job {job_id} belongs to uid {job.owner_uid}")
                 if job.state.terminal:
                     raise BadRequest(f"job {job_id} is already {job.state}")
-                self._daemon.cancel(job)
+                worker = job.worker
+                self._registry.apply(job, JobEvent.CANCEL)
+                if worker is not None:
+                    self._fleet.cancel(worker, job.id)
                 done.append(job.view())
             except WhisperdError as exc:
                 errors.append(p.ErrorBody(code=exc.code, message=exc.message, job_id=job_id))
+        self._wake()
         return p.Jobs(jobs=done, errors=errors)
 
     async def result(self, request: p.Result, caller: Caller, fds: list[int]) -> p.Reply:
         job = self._registry.get(request.id)
         if not may_control(job.owner_uid, caller.uid, self._uid):
             raise PermissionDenied(f"job {job.id} belongs to uid {job.owner_uid}")
-        transcript = self._daemon.store.transcript(job.id)
+        transcript = self._registry.transcript(job.id)
         if transcript is None:
             detail = f": {job.error}" if job.error else ""
             raise NotReady(f"job {job.id} is {job.state}{detail}")
         return p.ResultReply(job=job.view(), transcript=transcript)
 
     async def gpu(self, request: p.Gpu, caller: Caller, fds: list[int]) -> p.Reply:
-        return p.Devices(devices=self._daemon.device_views())
+        return p.Devices(devices=self._views.devices())
 
     async def stats(self, request: p.Stats, caller: Caller, fds: list[int]) -> p.Reply:
-        return p.StatsReply(stats=self._daemon.stats())
+        return p.StatsReply(stats=self._views.stats())

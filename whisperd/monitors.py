@@ -1,4 +1,4 @@
-"""The seed's two timed monitors: GPU status every 5 s (NVML readings, health changes, a device snapshot to
+"""The two timed monitors: GPU status every 5 s (NVML readings, health changes, a device snapshot to
 watchers) and system performance every 30 s (a summary line in the log, a system snapshot to watchers)."""
 
 from __future__ import annotations
@@ -6,20 +6,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
-from whisperd.gpupool import gpu_name
-from whisperd.gpuprobe import GpuReading
+import msgspec
+
+from whisperd.gpupool import DevicePool, gpu_name
+from whisperd.gpuprobe import GpuProbe, GpuReading
 from whisperd.protocol import DeviceSnapshot, StatsView, SystemSnapshot
-
-if TYPE_CHECKING:
-    from whisperd.daemon import Daemon
+from whisperd.views import Views, jobs_by_device
 
 log = logging.getLogger("whisperd.monitor")
 
 
 def summary_line(stats: StatsView, allocation: dict[str, list[int]]) -> str:
-    """Queue state, concurrency and per-device allocation, as the seed's performance monitor reported."""
+    """Queue state, concurrency and per-device allocation: one line for the log every 30 s."""
     states = " ".join(f"{s}={n}" for s, n in stats.states.items() if n) or "no jobs"
     per_device = " ".join(f"{d}:{len(jobs)}" for d, jobs in sorted(allocation.items())) or "-"
     rtf = f"{stats.realtime_factor:.1f}x" if stats.realtime_factor is not None else "-"
@@ -30,15 +29,26 @@ def summary_line(stats: StatsView, allocation: dict[str, list[int]]) -> str:
 
 
 class Monitors:
-    def __init__(self, daemon: Daemon) -> None:
-        self._daemon = daemon
-        self._unhealthy = {name for name, s in daemon.pool.get_gpu_status().items() if not s.healthy}
+    def __init__(
+        self,
+        probe: GpuProbe,
+        pool: DevicePool,
+        views: Views,
+        abandon_device: Callable[[str], None],
+        publish: Callable[[msgspec.Struct], None],
+    ) -> None:
+        self._probe = probe
+        self._pool = pool
+        self._views = views
+        self._abandon_device = abandon_device
+        self._publish = publish
+        self._unhealthy: set[str] = set()
 
-    def start(self) -> list[asyncio.Task[None]]:
-        sched = self._daemon.config.scheduler
+    def start(self, gpu_interval_s: float, performance_interval_s: float) -> list[asyncio.Task[None]]:
+        self._unhealthy = {name for name, s in self._pool.device_status().items() if not s.healthy}
         return [
-            asyncio.create_task(self._every(sched.gpu_monitor_interval_s, self.gpu_status)),
-            asyncio.create_task(self._every(sched.performance_monitor_interval_s, self.performance)),
+            asyncio.create_task(self._every(gpu_interval_s, self.gpu_status)),
+            asyncio.create_task(self._every(performance_interval_s, self.performance)),
         ]
 
     @staticmethod
@@ -51,12 +61,11 @@ class Monitors:
                 log.exception("monitor failed")
 
     async def gpu_status(self) -> None:
-        daemon = self._daemon
-        if daemon.pool.gpu_names:  # a CPU-only daemon never calls NVML again
-            readings = await asyncio.to_thread(daemon.probe.read)
-            daemon.pool.update(readings)
+        if self._pool.gpu_names:  # a CPU-only daemon never calls NVML again
+            readings = await asyncio.to_thread(self._probe.read)
+            self._pool.update(readings)
             self._note_health(readings)
-        daemon.watchers.publish(DeviceSnapshot(devices=daemon.device_views()))
+        self._publish(DeviceSnapshot(devices=self._views.devices()))
 
     def _note_health(self, readings: list[GpuReading]) -> None:
         """A GPU that stops answering NVML gets no new work (the plan skips it) and its running jobs go back
@@ -68,16 +77,12 @@ class Monitors:
             if name in unhealthy and name not in self._unhealthy:
                 log.error("GPU %s stopped answering NVML (%s): its jobs go back to the queue", name,
                           reading.error, extra=fields)  # fmt: skip
-                self._daemon.abandon_device(name)
+                self._abandon_device(name)
             elif name in self._unhealthy and name not in unhealthy:
                 log.info("GPU %s answers NVML again", name, extra=fields)
         self._unhealthy = unhealthy
 
     async def performance(self) -> None:
-        daemon = self._daemon
-        stats = daemon.stats()
-        allocation: dict[str, list[int]] = {}
-        for worker in stats.workers:
-            allocation.setdefault(worker.device, []).extend(worker.jobs)
-        log.info("%s", summary_line(stats, allocation))
-        daemon.watchers.publish(SystemSnapshot(stats=stats))
+        stats = self._views.stats()
+        log.info("%s", summary_line(stats, jobs_by_device(stats.workers)))
+        self._publish(SystemSnapshot(stats=stats))

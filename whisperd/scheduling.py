@@ -1,6 +1,6 @@
 """The placement decision, a pure function over snapshots: plan(queue, workers, devices, now) -> placements.
 
-The seed's rule: work goes to a GPU only while its available memory exceeds the minimum free memory
+The memory rule: work goes to a GPU only while its available memory exceeds the minimum free memory
 (1 GiB) and, after the batch's reservation, the safety margin (10 % of its total) stays free. A CPU device
 has no memory limit. Jobs of one model form a batch of min..max size; a smaller group than min_batch_size
 waits at most batch_timeout_s for company.
@@ -30,7 +30,7 @@ class WorkerSlot(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class DeviceStatus(msgspec.Struct, frozen=True, kw_only=True):
-    """One device as get_gpu_status() reports it; memory figures are None for the CPU."""
+    """One device as device_status() reports it; memory figures are None for the CPU."""
 
     name: str
     healthy: bool
@@ -59,7 +59,8 @@ class Placement(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def fits(device: DeviceStatus, reserve_bytes: int, settings: PlanSettings) -> bool:
-    """The seed's memory rule for one device and one batch."""
+    """The memory rule for one device and one batch: healthy, more than the minimum free, and the safety
+    margin still free after the reservation. The CPU has no memory limit."""
     if not device.healthy:
         return False
     if device.available_memory_bytes is None or device.memory_total_bytes is None:

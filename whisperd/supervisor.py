@@ -7,8 +7,7 @@ import contextlib
 import logging
 import os
 import signal
-import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 
 import msgspec
 
@@ -26,34 +25,15 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     env: Mapping[str, str]
 
 
-class Batch(msgspec.Struct, kw_only=True):
-    id: int
-    job_ids: list[int]
-    started_job: int | None = None  # the job the worker is transcribing now
-    done_jobs: set[int] = msgspec.field(default_factory=set)
-
-
-def worker_argv(
-    device: str, compute_type: str, cpu_threads: int, max_models: int, preload: tuple[str, str] | None
-) -> tuple[str, ...]:
-    argv: tuple[str, ...] = (
-        sys.executable, "-m", "whisperd.worker_main",
-        "--device", device, "--compute-type", compute_type,
-        "--cpu-threads", str(cpu_threads), "--max-models", str(max_models),
-    )  # fmt: skip
-    if preload is not None:
-        argv += ("--preload", "=".join(preload))
-    return argv
-
-
 class WorkerHandle:
-    """Owns one worker process across its restarts. Messages and deaths go to the daemon's callbacks."""
+    """Owns one worker process across its restarts: spawns it, reads its messages, notices its death at once
+    and restarts it with backoff. What the messages and deaths mean is the callbacks' business."""
 
     def __init__(
         self,
         spec: WorkerSpec,
         on_message: Callable[[WorkerHandle, wp.FromWorker], None],
-        on_exit: Callable[[WorkerHandle, Batch | None, int], None],
+        on_exit: Callable[[WorkerHandle, int], None],
         restart_backoff_s: float,
         restart_backoff_max_s: float,
         spawner: Spawner = asyncio.create_subprocess_exec,
@@ -69,10 +49,8 @@ class WorkerHandle:
         self._stopping = False
         self._stopped = asyncio.Event()
         self.ready = asyncio.Event()
-        self.batch: Batch | None = None
-        self.models: set[str] = set()
+        self.models: set[str] = set()  # loaded in the worker, as it last said
         self.restarts = 0
-        self.cancel_deadline: float | None = None
 
     @property
     def id(self) -> str:
@@ -83,16 +61,13 @@ class WorkerHandle:
         return self._proc.pid if self._proc else None
 
     @property
-    def idle(self) -> bool:
-        return self.ready.is_set() and self.batch is None and not self._stopping
+    def stopping(self) -> bool:
+        return self._stopping
 
     @property
-    def state(self) -> str:
-        if self._stopping:
-            return "stopped"
-        if not self.ready.is_set():
-            return "starting"
-        return "busy" if self.batch else "idle"
+    def up(self) -> bool:
+        """Started, said Ready, and not being stopped: it may be given work."""
+        return self.ready.is_set() and not self._stopping
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"worker-{self.id}")
@@ -105,12 +80,10 @@ class WorkerHandle:
             returncode = await self._run_once()
             if self._stopping:
                 break
-            batch, self.batch = self.batch, None
             self.ready.clear()
             self.models.clear()
-            self.cancel_deadline = None
             try:
-                self._on_exit(self, batch, returncode)
+                self._on_exit(self, returncode)
             except Exception:  # the handle must go on restarting whatever the daemon failed to record
                 log.exception("handling the exit of worker %s failed", self.id)
             if loop.time() - started > 60:
@@ -163,20 +136,12 @@ class WorkerHandle:
                 self.kill()
         return await self._proc.wait()
 
-    def _write(self, message: wp.ToWorker) -> None:
+    def send(self, message: wp.ToWorker) -> None:
+        """A worker that died meanwhile gets nothing; its death is handled on its own."""
         if self._proc is None or self._proc.stdin is None:
             return
         with contextlib.suppress(ConnectionError, RuntimeError):
             self._proc.stdin.write(wp.encode(message))
-
-    def run_batch(self, batch: Batch, specs: Sequence[wp.JobSpec]) -> None:
-        self.batch = batch
-        self._write(wp.RunBatch(batch_id=batch.id, jobs=list(specs)))
-
-    def cancel(self, job_id: int, deadline: float | None) -> None:
-        if deadline is not None:
-            self.cancel_deadline = deadline
-        self._write(wp.CancelJob(job_id=job_id))
 
     def kill(self) -> None:
         """The death is then noticed and handled like any other (on_exit, restart)."""

@@ -37,8 +37,11 @@ ToWorker = RunBatch | CancelJob
 
 # worker -> daemon
 
-# requeue: not attempted, through no fault of the job (the batch stopped after an out-of-memory error)
-FailureKind = Literal["fatal", "retryable", "oom", "cancelled", "requeue"]
+# fatal: no retry can fix it (audio that does not decode); retryable: a retry may; oom: CUDA ran out of memory
+FailureKind = Literal["fatal", "retryable", "oom"]
+# cancelled: its user cancelled it; batch_stopped: never attempted, through no fault of the job (the batch
+# stopped after a batch-mate's out-of-memory error)
+StopReason = Literal["cancelled", "batch_stopped"]
 
 
 class Ready(msgspec.Struct, tag="ready", kw_only=True):
@@ -68,12 +71,20 @@ class Failed(msgspec.Struct, tag="failed", kw_only=True):
     error: str
 
 
+class Stopped(msgspec.Struct, tag="stopped", kw_only=True):
+    """The worker let go of a job without a result and without failing it."""
+
+    job_id: int
+    reason: StopReason
+
+
 class BatchDone(msgspec.Struct, tag="batch_done", kw_only=True):
     batch_id: int
     models: list[str]  # loaded now, after any unloading
 
 
-FromWorker = Ready | Started | Progress | Finished | Failed | BatchDone
+JobMessage = Started | Progress | Finished | Failed | Stopped  # about one job of the running batch
+FromWorker = Ready | JobMessage | BatchDone
 
 to_worker_decoder = msgspec.json.Decoder(ToWorker)
 from_worker_decoder = msgspec.json.Decoder(FromWorker)

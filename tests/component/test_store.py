@@ -1,71 +1,98 @@
-"""The store on a real SQLite file: atomic submits, transitions with their history, spool hygiene."""
+"""The SQLite store and the spool on real files: atomic submits, transitions with their history, listings that
+never decode transcripts, spool hygiene."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from whisperd.errors import InvalidAudio
-from whisperd.jobs import JobState
-from whisperd.store import NewJob, Store
+from whisperd.jobs import JobEvent, JobState
+from whisperd.protocol import Segment, Transcript
+from whisperd.spool import Spool
+from whisperd.sqlite_store import SqliteStore
+from whisperd.store import EventRow, NewJob
 
 
 def new_job(spool: str, priority: int = 0) -> NewJob:
     return NewJob(
         spool_path=spool, filename="a.wav", owner_uid=1000, model="tiny.en", language=None,
-        task="transcribe", priority=priority, word_timestamps=False,
+        task="transcribe", priority=priority, word_timestamps=True,
     )  # fmt: skip
 
 
-def spool(store: Store, tmp_path: Path, data: bytes = b"RIFF....") -> str:
+def spooled(spool: Spool, tmp_path: Path, data: bytes = b"RIFF....") -> str:
     source = tmp_path / f"src{len(list(tmp_path.iterdir()))}"
     source.write_bytes(data)
     fd = os.open(source, os.O_RDONLY)
     try:
-        return store.spool_from_fd(fd, 1 << 20)[0]
+        return spool.copy_from_fd(fd, 1 << 20)[0]
     finally:
         os.close(fd)
 
 
 def test_a_failed_submit_leaves_no_open_transaction(tmp_path: Path) -> None:
-    store = Store(tmp_path / "state")
-    path = spool(store, tmp_path)
+    store, spool = SqliteStore(tmp_path / "jobs.sqlite3"), Spool(tmp_path / "spool")
+    path = spooled(spool, tmp_path)
     with pytest.raises(OverflowError):
         store.insert_jobs([new_job(path), new_job(path, priority=2**64)], now=1.0)
     assert store.live_jobs() == [], "all or nothing"
     [job] = store.insert_jobs([new_job(path)], now=2.0)  # the store still works
-    job.state, job.worker = JobState.PROCESSING, "cpu0"
-    store.save_transition(job, JobState.PENDING, "dispatch")
-    assert [h[1:4] for h in store.history(job.id)] == [
-        (None, "PENDING", "submit"),
-        ("PENDING", "PROCESSING", "dispatch"),
-    ]
+    assert job.word_timestamps is True and job.state is JobState.PENDING
+    job.state, job.worker, job.updated_at = JobState.PROCESSING, "cpu0", 3.0
+    store.save_transition(job, JobState.PENDING, JobEvent.DISPATCH)
+    assert store.history(job.id) == [
+        EventRow(at=2.0, from_state=None, to_state=JobState.PENDING, event="submit", worker=None, error=None),
+        EventRow(at=3.0, from_state=JobState.PENDING, to_state=JobState.PROCESSING, event="dispatch",
+                 worker="cpu0", error=None),
+    ]  # fmt: skip
     store.close()
-    reopened = Store(tmp_path / "state")
-    assert [j.state for j in reopened.live_jobs()] == [JobState.PROCESSING]
+    reopened = SqliteStore(tmp_path / "jobs.sqlite3")
+    assert [(j.state, j.worker) for j in reopened.live_jobs()] == [(JobState.PROCESSING, "cpu0")]
+    assert reopened.count_by_state() == {JobState.PROCESSING: 1}
     reopened.close()
 
 
+def test_listings_select_rows_without_decoding_transcripts(tmp_path: Path) -> None:
+    store, spool = SqliteStore(tmp_path / "jobs.sqlite3"), Spool(tmp_path / "spool")
+    jobs = store.insert_jobs([new_job(spooled(spool, tmp_path)) for _ in range(3)], now=1.0)
+    done = jobs[1]
+    done.state, done.updated_at, done.spool_path = JobState.COMPLETED, 2.0, None
+    transcript = Transcript("en", 1.0, 1.0, "hello", [Segment(id=1, start=0.0, end=1.0, text="hello")])
+    store.save_transition(done, JobState.PROCESSING, JobEvent.COMPLETE, transcript)
+    # A transcript that no longer decodes would break any listing that read it.
+    store._db.execute("UPDATE jobs SET transcript = x'00ff' WHERE id = ?", (jobs[0].id,))
+    assert [j.id for j in store.select([], None, 2)] == [jobs[1].id, jobs[2].id], "newest two, oldest first"
+    assert [j.id for j in store.select([], JobState.COMPLETED, 10)] == [done.id]
+    assert [j.id for j in store.live_jobs()] == [jobs[0].id, jobs[2].id]
+    assert store.get(jobs[0].id) is not None
+    assert store.transcript(done.id) == transcript
+    with pytest.raises(msgspec.DecodeError):
+        store.transcript(jobs[0].id)
+    assert store.spool_names_in_use() == {Path(j.spool_path or "").name for j in (jobs[0], jobs[2])}
+
+
 def test_spool_refuses_empty_and_oversized_audio_and_cleans_up(tmp_path: Path) -> None:
-    store = Store(tmp_path / "state")
+    spool = Spool(tmp_path / "spool")
     with pytest.raises(InvalidAudio, match="empty"):
-        spool(store, tmp_path, b"")
+        spooled(spool, tmp_path, b"")
     source = tmp_path / "big"
     source.write_bytes(b"x" * 2048)
     fd = os.open(source, os.O_RDONLY)
     with pytest.raises(InvalidAudio, match="larger than the limit"):
-        store.spool_from_fd(fd, 1024)
+        spool.copy_from_fd(fd, 1024)
     os.close(fd)
-    assert list(store.spool_dir.iterdir()) == []
+    assert list(spool.directory.iterdir()) == []
 
 
 def test_orphan_spool_files_go_and_live_ones_stay(tmp_path: Path) -> None:
-    store = Store(tmp_path / "state")
-    kept = spool(store, tmp_path)
-    orphan = spool(store, tmp_path)
+    store, spool = SqliteStore(tmp_path / "jobs.sqlite3"), Spool(tmp_path / "spool")
+    kept = spooled(spool, tmp_path)
+    orphan = spooled(spool, tmp_path)
     store.insert_jobs([new_job(kept)], now=1.0)
-    assert store.remove_orphan_spool_files() == 1
-    assert [p.name for p in store.spool_dir.iterdir()] == [Path(kept).name]
+    assert spool.remove_orphans(store.spool_names_in_use()) == 1
+    assert [p.name for p in spool.directory.iterdir()] == [Path(kept).name]
     assert not Path(orphan).exists()

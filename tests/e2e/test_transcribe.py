@@ -119,6 +119,7 @@ def test_cancel_while_processing_stops_the_job_and_frees_the_worker(
     [job] = shared_daemon.client.submit([str(speech["long"])], priority=10)
     shared_daemon.wait_state(job.id, JobState.PROCESSING)
     shared_daemon.wait_for(lambda: shared_daemon.job(job.id).progress > 0, 60, "progress reported")
+    restarts = {w.id: w.restarts for w in shared_daemon.client.stats().workers}
     cancelled_at = time.monotonic()
     out = shared_daemon.ctl("cancel", str(job.id))
     assert out.returncode == 0, out.stderr
@@ -130,7 +131,8 @@ def test_cancel_while_processing_stops_the_job_and_frees_the_worker(
         lambda: all(not w.jobs for w in shared_daemon.client.stats().workers), 10, "workers idle after cancel"
     )
     assert time.monotonic() - cancelled_at < 8
-    assert f"stopped cancelled job {job.id}" in shared_daemon.log()
+    after = {w.id: w.restarts for w in shared_daemon.client.stats().workers}
+    assert after == restarts, "the worker stopped the job itself: nobody had to kill it"
     again = shared_daemon.ctl("cancel", str(job.id))
     assert again.returncode == 2 and "already CANCELLED" in again.stderr
 
@@ -151,7 +153,6 @@ def test_a_worker_killed_mid_job_is_restarted_and_the_job_retried(
     )
     restarted = {w.id: w for w in shared_daemon.client.stats().workers}[worker.id]
     assert restarted.restarts >= 1 and restarted.pid != worker.pid
-    assert "died" in shared_daemon.log()
 
 
 def test_watch_streams_snapshots_then_job_events(

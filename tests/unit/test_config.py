@@ -32,7 +32,7 @@ GIB = 1024**3
     ids=lambda v: str(v),
 )
 @pytest.mark.parametrize("make", [Config, lambda: parse_config("")], ids=["Config()", "parse-empty"])
-def test_defaults_equal_the_seed(
+def test_defaults(
     section: str, key: str, expected: object, make: Callable[[], Config]
 ) -> None:
     config = make()

@@ -38,7 +38,7 @@ def reading(
 
 
 def available(pool: DevicePool, device: str = "cuda:0") -> int | None:
-    return pool.get_gpu_status()[device].available_memory_bytes
+    return pool.device_status()[device].available_memory_bytes
 
 
 @pytest.mark.parametrize(("index", "name"), [(0, "cuda:0"), (3, "cuda:3")], ids=["0", "3"])
@@ -49,7 +49,7 @@ def test_gpu_name(index: int, name: str) -> None:
 def test_no_reservation_available_is_free() -> None:
     pool = DevicePool(cpu=False)
     pool.update([reading(used=10 * GIB)])
-    assert pool.get_gpu_status() == {
+    assert pool.device_status() == {
         "cuda:0": DeviceStatus(
             name="cuda:0",
             healthy=True,
@@ -79,7 +79,7 @@ def test_reservation_counts_until_the_driver_shows_it(used_now: int, expected_av
     pool.update([reading(used=used_now)])
     assert available(pool) == expected_available
     assert pool.reserved_bytes("cuda:0") == 2 * GIB
-    assert pool.get_gpu_status()["cuda:0"].running_batches == 1
+    assert pool.device_status()["cuda:0"].running_batches == 1
 
 
 def test_release_gives_memory_back() -> None:
@@ -89,7 +89,7 @@ def test_release_gives_memory_back() -> None:
     pool.release(1)
     assert available(pool) == 70 * GIB
     assert pool.reserved_bytes("cuda:0") == 0
-    assert pool.get_gpu_status()["cuda:0"].running_batches == 0
+    assert pool.device_status()["cuda:0"].running_batches == 0
 
 
 def test_release_unknown_batch_is_harmless() -> None:
@@ -99,7 +99,7 @@ def test_release_unknown_batch_is_harmless() -> None:
     pool.release(99)
     pool.release(1)
     pool.release(1)
-    assert pool.get_gpu_status()["cuda:0"].running_batches == 0
+    assert pool.device_status()["cuda:0"].running_batches == 0
     assert available(pool) == 70 * GIB
 
 
@@ -113,14 +113,14 @@ def test_two_reservations_from_the_earliest_baseline() -> None:
     pool.update([reading(used=14 * GIB)])  # 2 GiB of the second visible
     assert available(pool) == 66 * GIB - 1 * GIB
     assert pool.reserved_bytes("cuda:0") == 5 * GIB
-    assert pool.get_gpu_status()["cuda:0"].running_batches == 2
+    assert pool.device_status()["cuda:0"].running_batches == 2
 
 
 def test_reservations_are_per_device() -> None:
     pool = DevicePool(cpu=False)
     pool.update([reading(0, used=10 * GIB), reading(1, used=20 * GIB)])
     pool.reserve(1, "cuda:1", 4 * GIB)
-    status = pool.get_gpu_status()
+    status = pool.device_status()
     assert status["cuda:0"].available_memory_bytes == 70 * GIB
     assert status["cuda:1"].available_memory_bytes == 56 * GIB
     assert (status["cuda:0"].running_batches, status["cuda:1"].running_batches) == (0, 1)
@@ -138,7 +138,7 @@ def test_reservations_are_per_device() -> None:
 def test_gpu_without_memory_figures_is_unhealthy_with_nothing_available(bad: GpuReading) -> None:
     pool = DevicePool(cpu=False)
     pool.update([bad])
-    status = pool.get_gpu_status()["cuda:0"]
+    status = pool.device_status()["cuda:0"]
     assert status.healthy is False
     assert status.available_memory_bytes == 0
 
@@ -146,7 +146,7 @@ def test_gpu_without_memory_figures_is_unhealthy_with_nothing_available(bad: Gpu
 def test_unhealthy_gpu_with_memory_figures_has_nothing_available() -> None:
     pool = DevicePool(cpu=False)
     pool.update([reading(healthy=False, used=10 * GIB)])
-    status = pool.get_gpu_status()["cuda:0"]
+    status = pool.device_status()["cuda:0"]
     assert status.healthy is False
     assert status.available_memory_bytes == 0
 
@@ -174,7 +174,7 @@ def test_update_replaces_readings() -> None:
 def test_devices_present(cpu: bool, readings: list[GpuReading], names: list[str]) -> None:
     pool = DevicePool(cpu=cpu)
     pool.update(readings)
-    status = pool.get_gpu_status()
+    status = pool.device_status()
     assert list(status) == names
     if cpu:
         assert status[CPU] == DeviceStatus(name="cpu", healthy=True)
@@ -186,9 +186,9 @@ def test_cpu_running_batches() -> None:
     pool = DevicePool(cpu=True)
     pool.reserve(1, CPU, 0)
     pool.reserve(2, CPU, 0)
-    assert pool.get_gpu_status()[CPU].running_batches == 2
+    assert pool.device_status()[CPU].running_batches == 2
     pool.release(1)
-    assert pool.get_gpu_status()[CPU].running_batches == 1
+    assert pool.device_status()[CPU].running_batches == 1
 
 
 def test_views() -> None:

@@ -1,4 +1,4 @@
-"""The seed's 30 s performance monitor line: queue state, concurrency and per-device allocation."""
+"""The 30 s performance monitor's line: queue state, concurrency and per-device allocation."""
 
 from __future__ import annotations
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from whisperd.config import Config, GpuConfig, TranscribeConfig, WorkersConfig
-from whisperd.fleet import model_memory_bytes, worker_specs
+from whisperd.config import Config, GpuConfig, WorkersConfig
 from whisperd.gpuprobe import GpuReading
+from whisperd.workerspecs import worker_specs
 
 GIB = 1024**3
 
@@ -69,26 +69,3 @@ def test_rehearsal_mode_runs_gpu_workers_on_the_cpu() -> None:
     assert spec.env["CUDA_VISIBLE_DEVICES"] == "GPU-0"
     assert spec.argv[spec.argv.index("--device") + 1] == "cpu"
     assert spec.argv[spec.argv.index("--compute-type") + 1] == "int8"
-
-
-@pytest.mark.parametrize(
-    ("models", "overrides", "compute", "expected_gib"),
-    [
-        ({"tiny.en": "bundled:tiny.en"}, {}, "float16", {"tiny.en": 0.5}),
-        ({"big": "large-v3"}, {}, "float16", {"big": 4.5}),
-        ({"big": "large-v3"}, {}, "int8_float16", {"big": 2.9}),
-        ({"mine": "/srv/models/custom"}, {}, "float16", {"mine": 5.0}),
-        ({"mine": "/srv/models/custom"}, {"mine": 3 * GIB}, "float16", {"mine": 3.0}),
-    ],
-    ids=["tiny", "large-v3-fp16", "large-v3-int8", "unknown-safe-default", "configured"],
-)
-def test_model_memory_bytes(
-    models: dict[str, str], overrides: dict[str, int], compute: str, expected_gib: dict[str, float]
-) -> None:
-    config = Config(
-        models=models,
-        transcribe=TranscribeConfig(default_model=next(iter(models))),
-        gpu=GpuConfig(compute_type=compute, model_memory_bytes=overrides),
-    )
-    got = model_memory_bytes(config)
-    assert {name: round(b / GIB, 1) for name, b in got.items()} == expected_gib

@@ -1,0 +1,103 @@
+"""The one place that knows every part of the daemon and wires them together; each part takes only the
+narrow collaborators it uses. The command line (cli.py) and in-process tests both build the daemon here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, disable_created_metrics
+
+from whisperd import protocol as p
+from whisperd.config import Config
+from whisperd.daemon import Daemon
+from whisperd.estimates import MemoryEstimates, baseline_from_config
+from whisperd.fleet import Fleet
+from whisperd.gpupool import DevicePool
+from whisperd.gpuprobe import GpuProbe
+from whisperd.handlers import Handlers
+from whisperd.metrics import SystemCollector, gpu_collectors
+from whisperd.monitors import Monitors
+from whisperd.outcomes import WorkerOutcomes
+from whisperd.registry import JobRegistry
+from whisperd.settings import retry_policy
+from whisperd.spool import Spool
+from whisperd.store import Store
+from whisperd.supervisor import Spawner
+from whisperd.telemetry import Telemetry
+from whisperd.views import Views
+from whisperd.watchers import Watchers
+
+
+class App:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        spool: Spool,
+        probe: GpuProbe,
+        spawner: Spawner = asyncio.create_subprocess_exec,
+        clock: Callable[[], float] = time.time,
+        config_loader: Callable[[], Config] | None = None,
+        cpu_count: int | None = None,
+    ) -> None:
+        self.store = store
+        self.wakeup = asyncio.Event()
+        wake = self.wakeup.set
+        self.watchers = Watchers()
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series: noise in every scrape
+        self.system_metrics = CollectorRegistry(auto_describe=False)
+        self.telemetry = Telemetry(self.system_metrics)
+        self.registry = JobRegistry(
+            store, spool, clock, retry_policy(config),
+            publish=lambda view: self.watchers.publish(p.JobEventReply(job=view)),
+            on_transition=self.telemetry.job_transition,
+        )  # fmt: skip
+        self.estimates = MemoryEstimates(baseline_from_config(config))
+        self.pool = DevicePool()
+        self.outcomes = WorkerOutcomes(self.registry, self.estimates, self.telemetry, wake)
+        w = config.workers
+        self.fleet = Fleet(
+            self.pool, self.outcomes, wake, clock, spawner,
+            w.cancel_grace_s, w.restart_backoff_s, w.restart_backoff_max_s,
+        )  # fmt: skip
+        self.views = Views(self.registry, self.fleet, self.pool, self.telemetry, clock)
+        self.daemon = Daemon(
+            config, self.registry, self.fleet, self.pool, probe, self.estimates, self.telemetry,
+            self.wakeup, clock, cpu_count or os.cpu_count() or 1, config_loader,
+        )  # fmt: skip
+        self.handlers = Handlers(
+            self.registry, spool, self.fleet, self.views, config=lambda: self.daemon.config,
+            is_draining=lambda: self.daemon.draining, wake=wake, daemon_uid=os.geteuid(),
+        )  # fmt: skip
+        self.monitors = Monitors(
+            probe, self.pool, self.views, self.fleet.abandon_device, self.watchers.publish
+        )
+        self.system_metrics.register(
+            SystemCollector(self.registry, self.views, self.telemetry, clock, lambda: self.daemon.draining)
+        )
+        self.gpu_metrics = gpu_collectors(self.views, self.pool, probe)
+
+    def snapshot(self) -> list[p.Reply]:
+        """What a new watcher is sent first."""
+        return [p.DeviceSnapshot(devices=self.views.devices()), p.SystemSnapshot(stats=self.views.stats())]
+
+    async def run(self) -> None:
+        """The loop and the monitors, until a stop signal."""
+        sched = self.daemon.config.scheduler
+        monitors = self.monitors.start(sched.gpu_monitor_interval_s, sched.performance_monitor_interval_s)
+        try:
+            await self.daemon.run_until_stopped()
+        finally:
+            for task in monitors:
+                task.cancel()
+            for task in monitors:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def drain(self, timeout_s: float) -> None:
+        await self.daemon.drain(timeout_s)
+        self.watchers.close()

@@ -1,0 +1,24 @@
+"""What each part is told of the configuration: small derived settings, rebuilt when the config changes."""
+
+from __future__ import annotations
+
+from whisperd.config import Config
+from whisperd.estimates import MemoryEstimates
+from whisperd.registry import RetryPolicy
+from whisperd.scheduling import PlanSettings
+
+
+def retry_policy(config: Config) -> RetryPolicy:
+    s = config.scheduler
+    return RetryPolicy(
+        max_retries=s.max_retries, backoff_s=s.retry_backoff_s, backoff_max_s=s.retry_backoff_max_s
+    )
+
+
+def plan_settings(config: Config, estimates: MemoryEstimates) -> PlanSettings:
+    s = config.scheduler
+    return PlanSettings(
+        min_batch_size=s.min_batch_size, max_batch_size=s.max_batch_size, batch_timeout_s=s.batch_timeout_s,
+        min_free_memory_bytes=s.min_free_memory_bytes, memory_safety_margin=s.memory_safety_margin,
+        model_memory_bytes=estimates.all_memory_bytes(),
+    )  # fmt: skip

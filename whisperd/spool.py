@@ -1,0 +1,74 @@
+"""The spool: a private copy of each submitted audio file, fsynced before the submit is acknowledged, so a job
+never depends on the caller's file staying where it was."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import uuid
+from pathlib import Path
+
+from whisperd.errors import InvalidAudio, StorageFull
+
+_COPY_CHUNK_BYTES = 1024 * 1024
+
+
+class Spool:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+
+    def copy_from_fd(self, fd: int, max_bytes: int) -> tuple[str, int]:
+        """Copy an open file into the spool and fsync it and its directory entry; blocking, so the daemon
+        runs it in a thread. Only regular files: a pipe or a device could block or fill the spool forever."""
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError as exc:
+            raise InvalidAudio(f"cannot read the audio: {exc.strerror}") from exc
+        if stat.S_ISDIR(mode):
+            raise InvalidAudio("that is a directory, not an audio file")
+        if not stat.S_ISREG(mode):
+            raise InvalidAudio("the audio must be a regular file, not a pipe, socket or device")
+        target = self.directory / f"{uuid.uuid4().hex}.audio"
+        size = 0
+        try:
+            with open(target, "wb") as out:
+                while chunk := os.read(fd, _COPY_CHUNK_BYTES):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise InvalidAudio(f"audio is larger than the limit of {max_bytes} bytes")
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if size == 0:
+                raise InvalidAudio("the audio file is empty")
+            directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(directory)  # the file's name survives a power cut too, before the submit is acked
+            finally:
+                os.close(directory)
+        except OSError as exc:
+            target.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFull(f"no space left in {self.directory} to spool the audio") from exc
+            if exc.errno == errno.EISDIR:
+                raise InvalidAudio("that is a directory, not an audio file") from exc
+            raise InvalidAudio(f"cannot read the audio: {exc.strerror}") from exc
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+        return str(target), size
+
+    def discard(self, path: str | None) -> None:
+        if path:
+            Path(path).unlink(missing_ok=True)
+
+    def remove_orphans(self, names_in_use: set[str]) -> int:
+        """Spool files of submits that crashed before their commit, or of jobs already finished."""
+        removed = 0
+        for path in self.directory.iterdir():
+            if path.name not in names_in_use:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed

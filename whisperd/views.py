@@ -1,0 +1,58 @@
+"""What clients, monitors and metrics are shown of the daemon as a whole: each figure assembled here once,
+from the parts that own it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+from whisperd.fleet import Fleet
+from whisperd.gpupool import DevicePool
+from whisperd.jobs import JobState
+from whisperd.protocol import DeviceView, StatsView, WorkerView
+from whisperd.registry import JobRegistry
+from whisperd.telemetry import Telemetry
+
+
+def jobs_by_device(workers: Sequence[WorkerView]) -> dict[str, list[int]]:
+    """The jobs each device's workers hold now (every device with a worker appears)."""
+    jobs: dict[str, list[int]] = {}
+    for worker in workers:
+        jobs.setdefault(worker.device, []).extend(worker.jobs)
+    return jobs
+
+
+class Views:
+    def __init__(
+        self,
+        registry: JobRegistry,
+        fleet: Fleet,
+        pool: DevicePool,
+        telemetry: Telemetry,
+        clock: Callable[[], float],
+    ) -> None:
+        self._registry = registry
+        self._fleet = fleet
+        self._pool = pool
+        self._telemetry = telemetry
+        self._clock = clock
+        self.started_at = clock()
+
+    def workers(self) -> list[WorkerView]:
+        return self._fleet.views()
+
+    def devices(self) -> list[DeviceView]:
+        return self._pool.views(Counter(w.device for w in self.workers()))
+
+    def stats(self) -> StatsView:
+        counts = self._registry.counts()
+        return StatsView(
+            states=counts,
+            queue_depth=counts[JobState.PENDING] + counts[JobState.RETRYING],
+            running_jobs=counts[JobState.PROCESSING],
+            workers=self.workers(),
+            uptime_s=self._clock() - self.started_at,
+            audio_seconds_total=self._telemetry.audio_seconds_total,
+            processing_seconds_total=self._telemetry.processing_seconds_total,
+            realtime_factor=self._telemetry.realtime_factor(),
+        )
