@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,35 @@ from tests.fakenvml import build_fake_nvml, gcc_path
 from tests.support import audio
 from tests.support.daemon import DaemonProcess
 from tests.support.gpus import Gpus, start_gpu_daemon
+from tests.support.system_state import SYSTEM_PATHS, Snapshot, changed, snapshot
+
+SYSTEM_BEFORE = pytest.StashKey[Snapshot]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[SYSTEM_BEFORE] = snapshot(SYSTEM_PATHS)
+
+
+@pytest.hookimpl(trylast=True)  # after the session fixtures' teardown: every daemon has stopped by then
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int | pytest.ExitCode) -> None:
+    """Tests must never touch the machine's own whisperd state: fail the run if they did."""
+    before = session.config.stash.get(SYSTEM_BEFORE, None)
+    if before is None:
+        return
+    touched = changed(before, snapshot(SYSTEM_PATHS))
+    if not touched:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"the test run created, changed or removed {len(touched)} path(s) of the system's whisperd:"]
+    lines += [f"  {path}" for path in touched]
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_sep("!", "system whisperd state touched", red=True)
+        for line in lines:
+            reporter.write_line(line, red=True)
+    else:
+        print("\n".join(lines))
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -18,6 +48,7 @@ def no_daemon_left_behind() -> Iterator[None]:
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.proc.kill()
             daemon.proc.wait(30)
+        shutil.rmtree(daemon.socket.parent, ignore_errors=True)  # the short socket dir under /tmp
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import signal
 import time
 from collections.abc import Callable
 
-from whisperd import workerproto as wp
 from whisperd.config import Config, plan_reload
 from whisperd.errors import WhisperdError
 from whisperd.estimates import MemoryEstimates, baseline_from_config
@@ -21,8 +20,7 @@ from whisperd.gpuprobe import GpuProbe
 from whisperd.jobs import JobEvent
 from whisperd.registry import JobRegistry
 from whisperd.scheduling import Placement, QueuedJob, plan
-from whisperd.settings import plan_settings, retry_policy
-from whisperd.store import JobRow
+from whisperd.settings import job_spec, plan_settings, retry_policy
 from whisperd.telemetry import Telemetry
 from whisperd.workerspecs import worker_specs
 
@@ -71,6 +69,10 @@ class Daemon:
             log.warning("no workers configured: jobs will wait until workers are configured")
         up = await self._fleet.wait_ready(self.config.workers.start_timeout_s)
         log.info("%d workers up", up)
+        unserved = sorted({j.model for j in self._registry.live()} - set(self.config.models))
+        if unserved:  # they stay queued: nothing accepted is dropped because the config changed
+            log.warning("queued jobs name models the configuration does not serve (%s): they wait until "
+                        "[models] names them again, or are cancelled", ", ".join(unserved))  # fmt: skip
 
     # ---- signals -------------------------------------------------------------------------------------
 
@@ -102,7 +104,7 @@ class Daemon:
             log.error("SIGHUP: configuration not reloaded, the running one stays: %s", exc.message)
             return
         for job in self._registry.live():  # a model with jobs still queued or running stays served
-            if job.model not in config.models:
+            if job.model not in config.models and job.model in self.config.models:
                 config.models[job.model] = self.config.models[job.model]
                 refused.append(f"models.{job.model} (jobs still use it)")
         self.config = config
@@ -144,7 +146,8 @@ class Daemon:
                 next_due = min(next_due, due)
         if self.draining or not self._fleet.any_idle():
             return max(0.0, next_due - now)  # nothing can be placed; a worker that frees up wakes us
-        pending = self._registry.pending()
+        models = self.config.models
+        pending = [j for j in self._registry.pending() if j.model in models]
         if pending:
             settings = plan_settings(self.config, self._estimates)
             queue = [
@@ -165,17 +168,8 @@ class Daemon:
         for job_id in placement.job_ids:
             job = self._registry.get(job_id)
             self._registry.apply(job, JobEvent.DISPATCH, device=placement.device, worker=placement.worker_id)
-            specs.append(self._job_spec(job))
+            specs.append(job_spec(job, self.config))
         self._fleet.dispatch(placement.worker_id, specs, placement.reserve_bytes)
-
-    def _job_spec(self, job: JobRow) -> wp.JobSpec:
-        assert job.spool_path is not None  # a live job keeps its audio
-        t = self.config.transcribe
-        return wp.JobSpec(
-            job_id=job.id, audio_path=job.spool_path, model=job.model,
-            model_source=self.config.models[job.model], language=job.language, task=job.task,
-            word_timestamps=job.word_timestamps, beam_size=t.beam_size, vad_filter=t.vad_filter,
-        )  # fmt: skip
 
     async def drain(self, timeout_s: float) -> None:
         """Dispatch nothing more; let running batches finish within timeout_s; what is left stays queued

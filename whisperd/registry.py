@@ -56,14 +56,16 @@ class JobRegistry:
     def recover(self) -> int:
         """Load the live jobs; a job that was PROCESSING when the daemon stopped goes back to the queue."""
         self._counts = Counter(self._store.count_by_state())
-        requeued = 0
+        interrupted = []
         for job in sorted(self._store.live_jobs(), key=lambda j: j.queued_at):
             self._live[job.id] = job
             if job.state is JobState.PROCESSING:
-                self.apply(job, JobEvent.REQUEUE, error=None)
-                requeued += 1
+                interrupted.append(job)
             else:
                 self._waiting[job.id] = job.queued_at
+        for job in interrupted:  # after the waiting ones, whose places in the queue stay theirs
+            self.apply(job, JobEvent.REQUEUE, error=None)
+        requeued = len(interrupted)
         removed = self._spool.remove_orphans(self._store.spool_names_in_use())
         log.info("recovered %d live jobs (%d were processing); removed %d orphan spool files",
                  len(self._live), requeued, removed)  # fmt: skip

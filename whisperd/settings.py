@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from whisperd import workerproto as wp
 from whisperd.config import Config
 from whisperd.estimates import MemoryEstimates
 from whisperd.registry import RetryPolicy
 from whisperd.scheduling import PlanSettings
+from whisperd.store import JobRow
 
 
 def retry_policy(config: Config) -> RetryPolicy:
@@ -21,4 +23,15 @@ def plan_settings(config: Config, estimates: MemoryEstimates) -> PlanSettings:
         min_batch_size=s.min_batch_size, max_batch_size=s.max_batch_size, batch_timeout_s=s.batch_timeout_s,
         min_free_memory_bytes=s.min_free_memory_bytes, memory_safety_margin=s.memory_safety_margin,
         model_memory_bytes=estimates.all_memory_bytes(),
+    )  # fmt: skip
+
+
+def job_spec(job: JobRow, config: Config) -> wp.JobSpec:
+    """What a worker is told to do for one job, under the running configuration."""
+    assert job.spool_path is not None  # a live job keeps its audio
+    t = config.transcribe
+    return wp.JobSpec(
+        job_id=job.id, audio_path=job.spool_path, model=job.model, model_source=config.models[job.model],
+        language=job.language, task=job.task, word_timestamps=job.word_timestamps, beam_size=t.beam_size,
+        vad_filter=t.vad_filter,
     )  # fmt: skip

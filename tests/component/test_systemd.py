@@ -7,10 +7,12 @@ import asyncio
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from itertools import pairwise
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import pytest
 from tests.support.daemon import DaemonProcess, short_socket_dir, to_toml
 from tests.support.datagrams import DatagramSink
 from tests.support.journal import FakeJournal
+from tests.support.system_state import check_isolated
 from whisperctl.client import Client
 from whisperd.jobs import JobState
 from whisperd.systemd import Notifier
@@ -103,17 +106,20 @@ def test_outside_systemd_it_is_all_silent() -> None:
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate")
 def test_socket_activation(tmp_path: Path, speech: dict[str, Path]) -> None:
     sock = short_socket_dir() / "activated.sock"
+    state_dir = tmp_path / "state"
     config = tmp_path / "whisperd.toml"
     config.write_text(to_toml({"workers": {"cpu_workers": 1}, "metrics": {"enabled": False}}))
-    env = {
-        **os.environ,
-        "WHISPERD_STATE_DIR": str(tmp_path / "state"),
-        "WHISPERD_SOCKET": "/nonexistent/unused",
-    }
+    # systemd-socket-activate hands its child only LISTEN_*, PATH, HOME, USER, TERM and what -E names: without
+    # these the daemon (root here) would keep its state in /var/lib/whisperd. The socket path must be unused:
+    # the daemon is to serve the socket it is passed, not bind its own.
+    passed = {"WHISPERD_STATE_DIR": str(state_dir), "WHISPERD_SOCKET": "/nonexistent/unused"}
+    passed |= {name: os.environ[name] for name in ("PYTHONPATH",) if name in os.environ}
+    check_isolated(passed)
     command = [
         "systemd-socket-activate",
         "-l",
         str(sock),
+        *[arg for name in passed for arg in ("-E", name)],
         sys.executable,
         "-m",
         "whisperd",
@@ -121,7 +127,7 @@ def test_socket_activation(tmp_path: Path, speech: dict[str, Path]) -> None:
         str(config),
     ]
     activator = subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / "log").open("wb")
+        command, env={**os.environ, **passed}, stdout=subprocess.DEVNULL, stderr=(tmp_path / "log").open("wb")
     )
     try:
         deadline = time.monotonic() + 10
@@ -138,6 +144,13 @@ def test_socket_activation(tmp_path: Path, speech: dict[str, Path]) -> None:
     finally:
         activator.send_signal(signal.SIGTERM)
         activator.wait(60)
+    # the daemon kept the job in the test's state dir, not in the system's
+    with closing(sqlite3.connect(f"file:{state_dir / 'jobs.sqlite3'}?mode=ro", uri=True)) as db:
+        rows = db.execute(
+            "SELECT event FROM job_events WHERE job_id = ? ORDER BY rowid", (job.id,)
+        ).fetchall()
+    events = [event for (event,) in rows]
+    assert events[0] == "submit" and events[-1] == "complete", events
 
 
 def units_for_verify(tmp_path: Path) -> Path:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from tests.support.system_state import check_isolated
 from whisperctl.client import Client, Unreachable
 from whisperd import protocol as p
 from whisperd.jobs import JobState
@@ -72,19 +73,24 @@ class DaemonProcess:
 
     @property
     def env(self) -> dict[str, str]:
-        return {
+        """The environment for whisperd (and whisperctl); raises if it would point them at the machine's
+        own state dir or socket (an `env` passed in can override both)."""
+        env = {
             **os.environ,
             "WHISPERD_SOCKET": str(self.socket),
             "WHISPERD_STATE_DIR": str(self.state_dir),
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }
+        check_isolated(env)
+        return env
 
     def start(self, timeout_s: float = 90) -> DaemonProcess:
+        env = self.env  # refuses before anything starts if whisperd would use the system's state
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "whisperd", "--config", str(self.config_path), "--log-level", "debug"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         log.close()
         DaemonProcess.started.append(self)

@@ -32,9 +32,7 @@ GIB = 1024**3
     ids=lambda v: str(v),
 )
 @pytest.mark.parametrize("make", [Config, lambda: parse_config("")], ids=["Config()", "parse-empty"])
-def test_defaults(
-    section: str, key: str, expected: object, make: Callable[[], Config]
-) -> None:
+def test_defaults(section: str, key: str, expected: object, make: Callable[[], Config]) -> None:
     config = make()
     assert getattr(getattr(config, section), key) == expected
 

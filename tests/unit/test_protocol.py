@@ -1,58 +1,317 @@
-"""The control protocol: request and reply codecs and the newline framing."""
+"""The control protocol: the wire format as docs/protocol.md documents it, the request and reply codecs'
+refusals, and the newline framing."""
 
 from __future__ import annotations
 
 import json
+import re
 import typing
+from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from whisperd import protocol as p
 from whisperd.errors import BadRequest, ProtocolError, RequestTooLarge, UnknownOp
 from whisperd.jobs import JobState
 
-REQUESTS: list[tuple[str, p.Request]] = [
-    ("ping", p.Ping()),
-    ("submit-minimal", p.Submit(files=[p.SubmitFile(name="a.wav", fd_index=0)])),
+DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
+OPS = ["ping", "submit", "status", "cancel", "result", "gpu", "stats", "watch"]  # the eight ops of the doc
+
+Json = dict[str, Any]
+
+
+def wire(message: Json) -> bytes:
+    """A message as the doc writes it: compact JSON, keys in the order given."""
+    return json.dumps(message, separators=(",", ":")).encode()
+
+
+def documented_lines() -> list[bytes]:
+    """Every line of every ```json example block in docs/protocol.md."""
+    blocks = re.findall(r"^```json\n(.*?)^```", DOC.read_text(), flags=re.S | re.M)
+    return [line.encode() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+# ---- golden requests: the doc's examples, the Structs they decode to ----------------------------------
+
+# The defaults the doc's tables give for the optional request fields; the encoder writes every field.
+SUBMIT_DEFAULTS: Json = {"model": None, "language": None, "task": "transcribe", "priority": 0,
+                         "word_timestamps": False}  # fmt: skip
+FILE_DEFAULTS: Json = {"fd_index": None, "path": None}
+STATUS_DEFAULTS: Json = {"ids": [], "state": None, "limit": 1000}
+
+GOLDEN_REQUESTS: list[tuple[str, Json, p.Request]] = [
+    ("ping", {"op": "ping"}, p.Ping()),
     (
-        "submit-full",
+        "submit-fd",
+        {
+            "op": "submit",
+            "files": [{"name": "/home/ana/talk.wav", "fd_index": 0}],
+            "model": "tiny.en",
+            "priority": 5,
+        },
+        p.Submit(files=[p.SubmitFile(name="/home/ana/talk.wav", fd_index=0)], model="tiny.en", priority=5),
+    ),
+    (
+        "submit-path",
+        {
+            "op": "submit",
+            "files": [{"name": "talk.wav", "path": "/srv/audio/talk.wav"}],
+            "language": "de",
+            "task": "translate",
+        },
         p.Submit(
-            files=[p.SubmitFile(name="a.wav", fd_index=0), p.SubmitFile(name="b\nc.wav", path="/srv/b.wav")],
-            model="tiny.en",
-            language="de",
-            task="translate",
-            priority=5,
-            word_timestamps=True,
+            files=[p.SubmitFile(name="talk.wav", path="/srv/audio/talk.wav")], language="de", task="translate"
         ),
     ),
-    ("status-default", p.Status()),
-    ("status-filtered", p.Status(ids=[1, 2], state=JobState.RETRYING, limit=10)),
-    ("cancel", p.Cancel(ids=[3, 4])),
-    ("result", p.Result(id=7)),
-    ("gpu", p.Gpu()),
-    ("stats", p.Stats()),
-    ("watch", p.Watch()),
+    ("status", {"op": "status"}, p.Status()),
+    ("status-ids", {"op": "status", "ids": [42, 43]}, p.Status(ids=[42, 43])),
+    (
+        "status-state",
+        {"op": "status", "state": "PENDING", "limit": 50},
+        p.Status(state=JobState.PENDING, limit=50),
+    ),
+    ("cancel", {"op": "cancel", "ids": [42, 43]}, p.Cancel(ids=[42, 43])),
+    ("result", {"op": "result", "id": 42}, p.Result(id=42)),
+    ("gpu", {"op": "gpu"}, p.Gpu()),
+    ("stats", {"op": "stats"}, p.Stats()),
+    ("watch", {"op": "watch"}, p.Watch()),
 ]
 
 
-def test_request_table_covers_every_request_type() -> None:
-    assert {type(r) for _, r in REQUESTS} == set(typing.get_args(p.Request))
+def with_documented_defaults(request: Json) -> Json:
+    """The request with every optional field the doc lists filled in with its default."""
+    if request["op"] == "submit":
+        files = [{**FILE_DEFAULTS, **f} for f in request["files"]]
+        return {**SUBMIT_DEFAULTS, **request, "files": files}
+    if request["op"] == "status":
+        return {**STATUS_DEFAULTS, **request}
+    return request
 
 
-@pytest.mark.parametrize("request_", [r for _, r in REQUESTS], ids=[i for i, _ in REQUESTS])
-def test_request_round_trips(request_: p.Request) -> None:
+# ---- golden replies ----------------------------------------------------------------------------------
+
+JOB: Json = {
+    "id": 42, "state": "PENDING", "progress": 0.0, "retries": 0, "device": None, "worker": None,
+    "model": "tiny.en", "language": None, "task": "transcribe", "priority": 0, "word_timestamps": False,
+    "error": None, "filename": "/home/ana/talk.wav", "owner_uid": 1000, "audio_duration_s": None,
+    "created_at": 1718000000.25, "updated_at": 1718000000.25, "started_at": None, "finished_at": None,
+}  # fmt: skip
+JOB_VIEW = p.JobView(
+    id=42, state=JobState.PENDING, progress=0.0, retries=0, device=None, worker=None, model="tiny.en",
+    language=None, task="transcribe", priority=0, word_timestamps=False, error=None,
+    filename="/home/ana/talk.wav", owner_uid=1000, audio_duration_s=None, created_at=1718000000.25,
+    updated_at=1718000000.25, started_at=None, finished_at=None,
+)  # fmt: skip
+
+CANCELLED: Json = {**JOB, "state": "CANCELLED", "updated_at": 1718000003.5, "finished_at": 1718000003.5}
+CANCELLED_VIEW = msgspec.structs.replace(
+    JOB_VIEW, state=JobState.CANCELLED, updated_at=1718000003.5, finished_at=1718000003.5
+)
+RAN: Json = {"device": "cpu", "worker": "cpu0", "audio_duration_s": 12.5, "updated_at": 1718000009.5,
+             "started_at": 1718000001.0}  # fmt: skip
+COMPLETED: Json = {**JOB, **RAN, "state": "COMPLETED", "progress": 100.0, "finished_at": 1718000009.5}
+COMPLETED_VIEW = msgspec.structs.replace(
+    JOB_VIEW, state=JobState.COMPLETED, progress=100.0, device="cpu", worker="cpu0", audio_duration_s=12.5,
+    updated_at=1718000009.5, started_at=1718000001.0, finished_at=1718000009.5,
+)  # fmt: skip
+RUNNING: Json = {**JOB, **RAN, "id": 43, "state": "PROCESSING", "progress": 37.5}
+RUNNING_VIEW = msgspec.structs.replace(
+    JOB_VIEW, id=43, state=JobState.PROCESSING, progress=37.5, device="cpu", worker="cpu0",
+    audio_duration_s=12.5, updated_at=1718000009.5, started_at=1718000001.0,
+)  # fmt: skip
+
+TRANSCRIPT: Json = {
+    "language": "en", "language_probability": 0.98, "duration_s": 12.5, "text": "Hello there.",
+    "segments": [{"id": 1, "start": 0.0, "end": 1.8, "text": " Hello there.", "words": None}],
+}  # fmt: skip
+TRANSCRIPT_VIEW = p.Transcript(
+    language="en", language_probability=0.98, duration_s=12.5, text="Hello there.",
+    segments=[p.Segment(id=1, start=0.0, end=1.8, text=" Hello there.", words=None)],
+)  # fmt: skip
+
+CPU: Json = {
+    "name": "cpu", "index": None, "uuid": None, "healthy": True, "memory_total_bytes": None,
+    "memory_used_bytes": None, "memory_free_bytes": None, "memory_reserved_bytes": 0,
+    "memory_available_bytes": None, "utilization_ratio": None, "temperature_c": None, "power_w": None,
+    "workers": 16, "running_batches": 1,
+}  # fmt: skip
+CPU_VIEW = p.DeviceView(
+    name="cpu", index=None, uuid=None, healthy=True, memory_total_bytes=None, memory_used_bytes=None,
+    memory_free_bytes=None, memory_reserved_bytes=0, memory_available_bytes=None, utilization_ratio=None,
+    temperature_c=None, power_w=None, workers=16, running_batches=1,
+)  # fmt: skip
+GPU: Json = {
+    "name": "cuda:0", "index": 0, "uuid": "GPU-5e2a7c1d-0000-0000-0000-000000000000", "healthy": True,
+    "memory_total_bytes": 150754820096, "memory_used_bytes": 2147483648, "memory_free_bytes": 148607336448,
+    "memory_reserved_bytes": 0, "memory_available_bytes": 148607336448, "utilization_ratio": 0.0,
+    "temperature_c": 31.0, "power_w": 74.5, "workers": 0, "running_batches": 0,
+}  # fmt: skip
+GPU_VIEW = p.DeviceView(
+    name="cuda:0", index=0, uuid="GPU-5e2a7c1d-0000-0000-0000-000000000000", healthy=True,
+    memory_total_bytes=150754820096, memory_used_bytes=2147483648, memory_free_bytes=148607336448,
+    memory_reserved_bytes=0, memory_available_bytes=148607336448, utilization_ratio=0.0, temperature_c=31.0,
+    power_w=74.5, workers=0, running_batches=0,
+)  # fmt: skip
+
+STATS: Json = {
+    "states": {"PENDING": 2, "PROCESSING": 1, "RETRYING": 0, "COMPLETED": 40, "FAILED": 0, "CANCELLED": 0},
+    "queue_depth": 2, "running_jobs": 1,
+    "workers": [{"id": "cpu0", "device": "cpu", "pid": 4242, "state": "busy", "models": ["tiny.en"],
+                 "jobs": [43], "restarts": 0}],
+    "uptime_s": 3600.5, "audio_seconds_total": 1800.0, "processing_seconds_total": 120.0,
+    "realtime_factor": 15.0,
+}  # fmt: skip
+STATS_VIEW = p.StatsView(
+    states={"PENDING": 2, "PROCESSING": 1, "RETRYING": 0, "COMPLETED": 40, "FAILED": 0, "CANCELLED": 0},
+    queue_depth=2, running_jobs=1,
+    workers=[p.WorkerView(id="cpu0", device="cpu", pid=4242, state="busy", models=["tiny.en"], jobs=[43],
+                          restarts=0)],
+    uptime_s=3600.5, audio_seconds_total=1800.0, processing_seconds_total=120.0, realtime_factor=15.0,
+)  # fmt: skip
+
+UNKNOWN_MODEL = "unknown model 'large'; this daemon serves: tiny.en"
+
+GOLDEN_REPLIES: list[tuple[str, Json, p.Reply]] = [
+    (
+        "pong",
+        {"reply": "pong", "ok": True, "version": "0.1.0", "protocol": 1},
+        p.Pong(version="0.1.0"),  # as the daemon builds them: defaults are part of the wire
+    ),
+    ("jobs", {"reply": "jobs", "ok": True, "jobs": [JOB], "errors": []}, p.Jobs(jobs=[JOB_VIEW])),
+    (
+        "jobs-cancel",
+        {
+            "reply": "jobs",
+            "ok": True,
+            "jobs": [CANCELLED],
+            "errors": [{"code": "not_found", "message": "no job 99", "job_id": 99}],
+        },
+        p.Jobs(jobs=[CANCELLED_VIEW], errors=[p.ErrorBody(code="not_found", message="no job 99", job_id=99)]),
+    ),
+    (
+        "result",
+        {"reply": "result", "ok": True, "job": COMPLETED, "transcript": TRANSCRIPT},
+        p.ResultReply(job=COMPLETED_VIEW, transcript=TRANSCRIPT_VIEW),
+    ),
+    (
+        "devices",
+        {"reply": "devices", "ok": True, "devices": [CPU, GPU]},
+        p.Devices(devices=[CPU_VIEW, GPU_VIEW]),
+    ),
+    ("stats", {"reply": "stats", "ok": True, "stats": STATS}, p.StatsReply(stats=STATS_VIEW)),
+    ("job_event", {"reply": "job_event", "ok": True, "job": RUNNING}, p.JobEventReply(job=RUNNING_VIEW)),
+    (
+        "device_snapshot",
+        {"reply": "device_snapshot", "ok": True, "devices": [CPU]},
+        p.DeviceSnapshot(devices=[CPU_VIEW]),
+    ),
+    (
+        "system_snapshot",
+        {"reply": "system_snapshot", "ok": True, "stats": STATS},
+        p.SystemSnapshot(stats=STATS_VIEW),
+    ),
+    (
+        "error",
+        {
+            "reply": "error",
+            "ok": False,
+            "error": {"code": "unknown_model", "message": UNKNOWN_MODEL, "job_id": None},
+        },
+        p.Error(error=p.ErrorBody(code="unknown_model", message=UNKNOWN_MODEL)),
+    ),
+]
+
+REQUEST_IDS = [name for name, _, _ in GOLDEN_REQUESTS]
+REPLY_IDS = [name for name, _, _ in GOLDEN_REPLIES]
+
+
+def test_goldens_are_exactly_the_documented_examples() -> None:
+    goldens = [wire(m) for _, m, _ in GOLDEN_REQUESTS] + [wire(m) for _, m, _ in GOLDEN_REPLIES]
+    assert documented_lines() == goldens
+
+
+def test_goldens_cover_every_request_and_reply_type() -> None:
+    assert {type(r) for _, _, r in GOLDEN_REQUESTS} == set(typing.get_args(p.Request))
+    assert {type(r) for _, _, r in GOLDEN_REPLIES} == set(typing.get_args(p.Reply))
+    assert {m["op"] for _, m, _ in GOLDEN_REQUESTS} == set(OPS)
+
+
+@pytest.mark.parametrize(("message", "expected"), [(m, r) for _, m, r in GOLDEN_REQUESTS], ids=REQUEST_IDS)
+def test_documented_request_decodes(message: Json, expected: p.Request) -> None:
+    decoded = p.decode_request(wire(message))
+    assert type(decoded) is type(expected)
+    assert decoded == expected
+
+
+@pytest.mark.parametrize(("message", "expected"), [(m, r) for _, m, r in GOLDEN_REQUESTS], ids=REQUEST_IDS)
+def test_documented_request_with_its_defaults_spelled_out_decodes_the_same(
+    message: Json, expected: p.Request
+) -> None:
+    assert p.decode_request(wire(with_documented_defaults(message))) == expected
+
+
+@pytest.mark.parametrize(("message", "request_"), [(m, r) for _, m, r in GOLDEN_REQUESTS], ids=REQUEST_IDS)
+def test_request_encodes_to_the_documented_fields(message: Json, request_: p.Request) -> None:
+    # the encoder writes every field, so compare with the doc's line plus the doc's defaults
     line = p.encode_line(request_)
-    decoded = p.decode_request(line)
-    assert type(decoded) is type(request_)
-    assert decoded == request_
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line) == with_documented_defaults(message)
 
 
-@pytest.mark.parametrize("request_", [r for _, r in REQUESTS], ids=[i for i, _ in REQUESTS])
-def test_encode_line_is_one_line(request_: p.Request) -> None:
-    line = p.encode_line(request_)
-    assert line.endswith(b"\n")
-    assert line.count(b"\n") == 1
+@pytest.mark.parametrize(("message", "expected"), [(m, r) for _, m, r in GOLDEN_REPLIES], ids=REPLY_IDS)
+def test_documented_reply_decodes(message: Json, expected: p.Reply) -> None:
+    decoded = p.decode_reply(wire(message))
+    assert type(decoded) is type(expected)
+    assert decoded == expected
+
+
+@pytest.mark.parametrize(("message", "reply"), [(m, r) for _, m, r in GOLDEN_REPLIES], ids=REPLY_IDS)
+def test_reply_encodes_to_the_documented_bytes(message: Json, reply: p.Reply) -> None:
+    # "The daemon always sends every field of a reply, null included": the documented line, byte for byte
+    assert p.encode_line(reply) == wire(message) + b"\n"
+
+
+def with_unknown_fields(value: Any) -> Any:
+    """The value with an extra field in every object, at every depth (stats.states is a map, not an
+    object: its keys are data)."""
+    if isinstance(value, dict):
+        fields = {k: v if k == "states" else with_unknown_fields(v) for k, v in value.items()}
+        return {**fields, "added_later": [1, {"x": None}]}
+    if isinstance(value, list):
+        return [with_unknown_fields(v) for v in value]
+    return value
+
+
+WORD = {"start": 0.0, "end": 0.5, "word": " Hello", "probability": 0.9}
+WITH_WORDS = {**TRANSCRIPT, "segments": [{**TRANSCRIPT["segments"][0], "words": [WORD]}]}
+WITH_WORDS_VIEW = msgspec.structs.replace(
+    TRANSCRIPT_VIEW,
+    segments=[
+        msgspec.structs.replace(
+            TRANSCRIPT_VIEW.segments[0], words=[p.Word(start=0.0, end=0.5, word=" Hello", probability=0.9)]
+        )
+    ],
+)
+FORWARD_COMPATIBLE = [
+    *[(m, r) for _, m, r in GOLDEN_REPLIES],
+    (
+        {"reply": "result", "ok": True, "job": COMPLETED, "transcript": WITH_WORDS},
+        p.ResultReply(job=COMPLETED_VIEW, transcript=WITH_WORDS_VIEW),
+    ),
+]
+
+
+@pytest.mark.parametrize(("message", "expected"), FORWARD_COMPATIBLE, ids=[*REPLY_IDS, "result-words"])
+def test_reply_decoding_ignores_fields_it_does_not_know(message: Json, expected: p.Reply) -> None:
+    # docs, versioning: "Clients must ignore reply fields they do not know (whisperctl's decoders do)"
+    assert p.decode_reply(wire(with_unknown_fields(message))) == expected
+
+
+# ---- decoding refusals -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -123,40 +382,6 @@ def test_unknown_op_code() -> None:
 
 
 # ---- replies -----------------------------------------------------------------------------------------
-
-
-def test_error_reply_encoding() -> None:
-    line = p.encode_line(p.Error(error=p.ErrorBody(code="not_found", message="no job 3", job_id=3)))
-    assert json.loads(line) == {
-        "reply": "error",
-        "ok": False,
-        "error": {"code": "not_found", "message": "no job 3", "job_id": 3},
-    }
-
-
-def test_pong_encoding() -> None:
-    assert json.loads(p.encode_line(p.Pong(version="0.1.0"))) == {
-        "reply": "pong",
-        "ok": True,
-        "version": "0.1.0",
-        "protocol": p.PROTOCOL_VERSION,
-    }
-
-
-@pytest.mark.parametrize(
-    "reply",
-    [
-        p.Pong(version="0.1.0"),
-        p.Error(error=p.ErrorBody(code="queue_full", message="full")),
-        p.Jobs(jobs=[], errors=[p.ErrorBody(code="not_found", message="x", job_id=1)]),
-        p.Devices(devices=[]),
-    ],
-    ids=["pong", "error", "jobs", "devices"],
-)
-def test_reply_round_trips(reply: p.Reply) -> None:
-    line = p.encode_line(reply)
-    assert line.count(b"\n") == 1
-    assert p.decode_reply(line) == reply
 
 
 @pytest.mark.parametrize(
@@ -270,7 +495,106 @@ def test_encode_line_escapes_newlines_in_strings() -> None:
     assert reply.error.message == "one\ntwo\r\n"
 
 
-def test_struct_equality_sanity() -> None:
-    # round-trip tests compare Structs with ==; make sure that is field-wise here
-    assert p.Result(id=1) != p.Result(id=2)
-    assert msgspec.structs.asdict(p.Status()) == {"ids": [], "state": None, "limit": 1000}
+# ---- properties --------------------------------------------------------------------------------------
+
+PROPERTY_SETTINGS = settings(max_examples=200, deadline=None)
+
+# field names of the requests, so that generated objects often come close to valid ones
+FIELD_NAMES = ["files", "name", "fd_index", "path", "model", "language", "task", "priority",
+               "word_timestamps", "ids", "state", "limit", "id", "op"]  # fmt: skip
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=8)
+    | st.sampled_from([*OPS, *JobState, "transcribe", "translate"])
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from(FIELD_NAMES) | st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+json_objects = st.dictionaries(st.sampled_from(FIELD_NAMES) | st.text(max_size=6), json_values, max_size=6)
+
+
+def decodes_or_refuses(line: bytes) -> p.Request | None:
+    """decode_request either gives a Request or raises a BadRequest (UnknownOp is one); nothing else."""
+    try:
+        decoded = p.decode_request(line)
+    except BadRequest as exc:
+        assert exc.code in ("bad_request", "unknown_op")
+        return None
+    assert isinstance(decoded, typing.get_args(p.Request))
+    return decoded
+
+
+@PROPERTY_SETTINGS
+@given(st.binary(max_size=200))
+def test_decode_request_on_arbitrary_bytes_only_refuses(data: bytes) -> None:
+    decodes_or_refuses(data)
+
+
+@PROPERTY_SETTINGS
+@given(json_values)
+def test_decode_request_on_arbitrary_json_only_refuses(value: object) -> None:
+    decodes_or_refuses(json.dumps(value).encode())
+
+
+@PROPERTY_SETTINGS
+@given(json_objects, st.sampled_from([None, *OPS]))
+def test_decode_request_on_arbitrary_objects_only_refuses(obj: Json, op: str | None) -> None:
+    if op is None:
+        obj.pop("op", None)
+    else:
+        obj["op"] = op
+    decoded = decodes_or_refuses(json.dumps(obj).encode())
+    if decoded is not None:
+        assert msgspec.json.decode(p.encode_line(decoded))["op"] == obj["op"]
+    if op is None or not isinstance(obj.get("op"), str):
+        assert decoded is None
+
+
+TOO_LARGE = "<too large>"
+line_bytes = st.lists(
+    st.sampled_from([b"a", b"{}", b" ", b"\t", b"xyz", b"\n", b"\n\n", b"\xff"]), max_size=40
+)
+
+
+def model_lines(stream: bytes, max_line: int) -> list[bytes | str]:
+    """The lines of the whole stream split at once: blank ones dropped, over-long ones (the unterminated
+    tail included) reported once each."""
+    *complete, tail = stream.split(b"\n")
+    items: list[bytes | str] = [
+        TOO_LARGE if len(line) > max_line else line
+        for line in complete
+        if len(line) > max_line or line.strip()
+    ]
+    return [*items, TOO_LARGE] if len(tail) > max_line else items
+
+
+def fed(buffer: p.LineBuffer, chunks: list[bytes]) -> list[bytes | str]:
+    items: list[bytes | str] = []
+    for chunk in chunks:
+        for item in buffer.feed(chunk):
+            if isinstance(item, RequestTooLarge):
+                assert item.code == "request_too_large"
+                items.append(TOO_LARGE)
+            else:
+                items.append(item)
+    return items
+
+
+@PROPERTY_SETTINGS
+@given(line_bytes.map(b"".join), st.integers(min_value=1, max_value=12), st.data())
+def test_line_buffer_chunking_does_not_change_the_lines(
+    stream: bytes, max_line: int, data: st.DataObject
+) -> None:
+    cuts = sorted(data.draw(st.sets(st.integers(min_value=0, max_value=len(stream))), label="cuts"))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    whole = fed(p.LineBuffer(max_line), [stream])
+    assert whole == model_lines(stream, max_line)
+    assert fed(p.LineBuffer(max_line), chunks) == whole
