@@ -1,4 +1,5 @@
-# whisperd: `make run` starts the daemon on its built-in defaults; `make test` runs every test.
+# whisperd: `make run` starts the daemon on its built-in defaults; `make test` runs every test but the
+# fault-injection suite, which `make test-faults` runs.
 # Both set up what they need on a fresh Debian machine (apt packages, a virtualenv in .venv).
 
 SHELL := /bin/bash
@@ -14,7 +15,7 @@ PIP_FLAGS ?=
 APT_PACKAGES := espeak-ng sox ffmpeg socat gcc pkg-config libsystemd-dev python3-venv prometheus prometheus-alertmanager
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint bench system-deps venv clean install
+.PHONY: run test test-faults lint bench system-deps venv clean install
 
 system-deps:
 	@missing=""; for pkg in $(APT_PACKAGES); do \
@@ -38,6 +39,10 @@ run: venv
 
 test: venv system-deps
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The fault-injection suite (kill -9 of the daemon, SIGKILL of workers): minutes, so not part of `make test`.
+test-faults: venv system-deps
+	$(VENV)/bin/pytest tests/faults $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check whisperd whisperctl tests bench

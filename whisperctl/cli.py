@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import pwd
 import sys
 import time
 from collections.abc import Sequence
@@ -11,12 +13,31 @@ from collections.abc import Sequence
 import msgspec
 
 from whisperctl import render
-from whisperctl.client import Client, Unreachable
+from whisperctl.client import Client, Dropped, NoReply, Unreachable
 from whisperd import protocol as p
 from whisperd.errors import WhisperdError
 from whisperd.jobs import JobState
+from whisperd.protocol import printable
 
-EXIT_OK, EXIT_JOB_FAILED, EXIT_ERROR, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 124
+EXIT_OK, EXIT_JOB_FAILED, EXIT_ERROR, EXIT_UNREACHABLE, EXIT_DROPPED, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 124
+EXIT_CODES = """exit status:
+  0    success
+  1    a job did not complete (FAILED or CANCELLED), with submit --wait or wait
+  2    whisperd refused the request (the message says why), or bad arguments
+  3    whisperd is unreachable: no socket, not running, or no permission to connect; nothing was sent
+  4    the connection dropped before the reply (whisperd stopped, restarted or disconnected this client):
+       the request may or may not have taken effect; check with status
+  124  timed out: wait --timeout, or whisperd did not reply within 600 s
+  130  interrupted"""
+
+
+@functools.cache
+def _user_name(uid: int) -> str | None:
+    """The name of a uid in this machine's user database (the daemon sends uids only)."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
 
 
 def _json(obj: object) -> None:
@@ -73,7 +94,7 @@ def _print_results(client: Client, jobs: list[p.JobView], fmt: str, as_json: boo
     for job in jobs:
         if job.state is not JobState.COMPLETED:
             status = EXIT_JOB_FAILED
-            print(f"job {job.id} {job.state}: {job.error or ''} ({job.filename})", file=sys.stderr)
+            print(render.job_failed_line(job), file=sys.stderr)
             out.append({"job": job, "transcript": None})
             continue
         result = client.result(job.id)
@@ -81,7 +102,7 @@ def _print_results(client: Client, jobs: list[p.JobView], fmt: str, as_json: boo
             out.append({"job": result.job, "transcript": result.transcript})
         else:
             if len(jobs) > 1:
-                print(f"==> {job.filename} (job {job.id}) <==")
+                print(f"==> {printable(job.filename)} (job {job.id}) <==")
             sys.stdout.write(render.format_transcript(result.transcript, fmt))
     if as_json:
         _json(out)
@@ -120,7 +141,7 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     for job in reply.jobs:
         print(f"job {job.id} {job.state}")
     for error in reply.errors:
-        print(f"whisperctl: job {error.job_id}: {error.message}", file=sys.stderr)
+        print(f"whisperctl: job {error.job_id}: {printable(error.message)}", file=sys.stderr)
     return EXIT_ERROR if reply.errors else EXIT_OK
 
 
@@ -138,7 +159,7 @@ def cmd_stats(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         _json(stats)
     else:
-        sys.stdout.write(render.stats_text(stats))
+        sys.stdout.write(render.stats_text(stats, _user_name))
     return EXIT_OK
 
 
@@ -152,7 +173,7 @@ def cmd_watch(client: Client, args: argparse.Namespace) -> int:
             elif isinstance(event, p.DeviceSnapshot):
                 sys.stdout.write(render.devices_table(event.devices))
             elif isinstance(event, p.SystemSnapshot):
-                sys.stdout.write(render.stats_text(event.stats))
+                sys.stdout.write(render.stats_text(event.stats, _user_name))
             sys.stdout.flush()
     return EXIT_OK
 
@@ -164,7 +185,12 @@ def cmd_ping(client: Client, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="whisperctl", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="whisperctl",
+        description=__doc__,
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--socket", help="control socket (default: $WHISPERD_SOCKET or the daemon's default)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -173,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model")
     s.add_argument("--language")
     s.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
-    s.add_argument("--priority", type=int, default=0, help="higher runs first")
+    s.add_argument(
+        "--priority", type=int, default=0,
+        help="higher runs first (-1000..1000); above 0 is for root and the daemon's user unless configured",
+    )  # fmt: skip
     s.add_argument("--word-timestamps", action="store_true")
     s.add_argument("--wait", action="store_true", help="wait and print the transcripts")
     s.add_argument("--format", choices=render.FORMATS, default="txt", help="with --wait")
@@ -223,16 +252,23 @@ def main(argv: list[str] | None = None) -> int:
         status: int = args.func(client, args)
         return status
     except Unreachable as exc:
-        print(f"whisperctl: {exc.message}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return _fail(exc, EXIT_UNREACHABLE)
+    except Dropped as exc:
+        return _fail(exc, EXIT_DROPPED)
+    except NoReply as exc:
+        return _fail(exc, EXIT_TIMEOUT)
     except WhisperdError as exc:
-        print(f"whisperctl: {exc.message}", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(exc, EXIT_ERROR)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+
+
+def _fail(exc: WhisperdError, status: int) -> int:
+    print(f"whisperctl: {printable(exc.message)}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

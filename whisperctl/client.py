@@ -23,6 +23,18 @@ class Unreachable(WhisperdError):
     code = "unreachable"
 
 
+class Dropped(WhisperdError):
+    """The daemon closed the connection before its reply: the request may or may not have taken effect."""
+
+    code = "dropped"
+
+
+class NoReply(WhisperdError):
+    """The daemon did not answer within the client's timeout."""
+
+    code = "no_reply"
+
+
 class RemoteError(WhisperdError):
     """An error reply; `code` is the daemon's."""
 
@@ -33,6 +45,7 @@ class RemoteError(WhisperdError):
 
 class Connection:
     def __init__(self, path: Path, timeout_s: float | None) -> None:
+        self.path, self.timeout_s = path, timeout_s
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout_s)
         try:
@@ -51,17 +64,32 @@ class Connection:
 
     def send(self, request: p.Request, fds: Sequence[int] = ()) -> None:
         data = p.encode_line(request)
-        if fds:
-            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-            sent = self._sock.sendmsg([data], ancillary)
-            data = data[sent:]
-        self._sock.sendall(data)
+        try:
+            if fds:
+                ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+                sent = self._sock.sendmsg([data], ancillary)
+                data = data[sent:]
+            self._sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed on us, maybe with a reason first (too many connections): receive() reads it
+        except TimeoutError:
+            raise NoReply(
+                f"whisperd on {self.path} did not take the request within {self.timeout_s} s"
+            ) from None
 
     def receive(self) -> p.Reply:
         while not self._lines:
-            chunk = self._sock.recv(1024 * 1024)
+            try:
+                chunk = self._sock.recv(1024 * 1024)
+            except ConnectionResetError:
+                chunk = b""
+            except TimeoutError:
+                raise NoReply(f"whisperd on {self.path} did not reply within {self.timeout_s} s") from None
             if not chunk:
-                raise ProtocolError("whisperd closed the connection")
+                raise Dropped(
+                    f"whisperd on {self.path} closed the connection before replying "
+                    "(it stopped or restarted, or dropped this client)"
+                )
             self._lines.extend(self._buffer.feed(chunk))
         line = self._lines.pop(0)
         if isinstance(line, WhisperdError):
@@ -104,9 +132,7 @@ class Client:
                     raise BadRequest(f"cannot open {path}: {exc.strerror}") from None
                 if os.path.isdir(path):
                     raise BadRequest(f"{path} is a directory, not an audio file")
-            files = [
-                p.SubmitFile(name=str(Path(path).absolute()), fd_index=i) for i, path in enumerate(paths)
-            ]
+            files = [p.SubmitFile(name=_label(path), fd_index=i) for i, path in enumerate(paths)]
             request = p.Submit(files=files, **options)  # type: ignore[arg-type]
             return self.request(request, p.Jobs, fds).jobs
         finally:
@@ -143,3 +169,10 @@ class Client:
             yield events()
         finally:
             conn.close()
+
+
+def _label(path: str) -> str:
+    """The name the daemon shows for a file: its absolute path, with control characters (which the daemon
+    refuses) and undecodable bytes escaped; at most p.MAX_NAME_CHARS, the end kept (it names the file)."""
+    name = p.printable(str(Path(path).absolute()))
+    return name if len(name) <= p.MAX_NAME_CHARS else "..." + name[3 - p.MAX_NAME_CHARS :]

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import msgspec
 
 from whisperd.jobs import JobState
-from whisperd.protocol import DeviceView, JobView, Segment, StatsView, Transcript
+from whisperd.protocol import DeviceView, JobView, Segment, StatsView, Transcript, printable
 
 FORMATS = ("txt", "srt", "vtt", "tsv", "json")
 
@@ -103,6 +103,8 @@ def format_transcript(transcript: Transcript, fmt: str) -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    # Cells hold what users typed (file names): escaped, so that no cell can move the cursor or add a line.
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     # rstrip: padding the last column only leaves trailing spaces.
     lines = [
@@ -185,7 +187,31 @@ def devices_table(devices: list[DeviceView]) -> str:
     return _table([*header, "WORKERS", "BATCHES"], rows)
 
 
-def stats_text(stats: StatsView) -> str:
+def _size(n: int) -> str:
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def users_table(stats: StatsView, user_name: Callable[[int], str | None]) -> str:
+    """Each user's share; user_name resolves a uid on the client's side (None: unknown there)."""
+    rows = [
+        [
+            user_name(u.uid) or "-",
+            str(u.uid),
+            str(u.queued_jobs),
+            str(u.running_jobs),
+            str(u.finished_jobs),
+            _size(u.spool_bytes),
+            _duration(u.audio_seconds),
+        ]
+        for u in stats.users
+    ]
+    return _table(["USER", "UID", "QUEUED", "RUNNING", "FINISHED", "SPOOL", "AUDIO DONE"], rows)
+
+
+def stats_text(stats: StatsView, user_name: Callable[[int], str | None] = lambda uid: None) -> str:
     counts = "  ".join(f"{state} {stats.states.get(state, 0)}" for state in _STATE_ORDER)
     rtf = "-" if stats.realtime_factor is None else f"{stats.realtime_factor:.1f}x"
     summary = [
@@ -207,10 +233,15 @@ def stats_text(stats: StatsView) -> str:
         for w in stats.workers
     ]
     workers = _table(["WORKER", "DEVICE", "PID", "STATE", "MODELS", "JOBS", "RESTARTS"], rows)
-    return "\n".join(summary) + "\n\n" + workers
+    users = "\n" + users_table(stats, user_name) if stats.users else ""  # none from an older daemon
+    return "\n".join(summary) + "\n\n" + workers + users
 
 
 def job_event_line(job: JobView) -> str:
     where = job.worker or job.device or "-"
     line = f"job {job.id} {job.state} {_progress(job.progress)} {where} {_basename(job.filename)}"
-    return f"{line}: {job.error}" if job.error else line
+    return printable(f"{line}: {job.error}" if job.error else line)
+
+
+def job_failed_line(job: JobView) -> str:
+    return printable(f"job {job.id} {job.state}: {job.error or ''} ({job.filename})")

@@ -23,11 +23,14 @@ from whisperd.metrics import SystemCollector, gpu_collectors
 from whisperd.monitors import Monitors
 from whisperd.outcomes import WorkerOutcomes
 from whisperd.registry import JobRegistry
-from whisperd.settings import retry_policy
+from whisperd.retention import Pruner, Retention
+from whisperd.settings import retry_policy, worker_limits
 from whisperd.spool import Spool
+from whisperd.spooling import Spooler
 from whisperd.store import Store
 from whisperd.supervisor import Spawner
 from whisperd.telemetry import Telemetry
+from whisperd.threads import DaemonThreadPool
 from whisperd.views import Views
 from whisperd.watchers import Watchers
 
@@ -43,7 +46,9 @@ class App:
         clock: Callable[[], float] = time.time,
         config_loader: Callable[[], Config] | None = None,
         cpu_count: int | None = None,
+        pruner: Pruner | None = None,
     ) -> None:
+        """pruner: deletes finished jobs past [retention] in the background (None: nothing is deleted)."""
         self.store = store
         self.wakeup = asyncio.Event()
         wake = self.wakeup.set
@@ -56,28 +61,39 @@ class App:
             publish=lambda view: self.watchers.publish(p.JobEventReply(job=view)),
             on_transition=self.telemetry.job_transition,
         )  # fmt: skip
-        self.estimates = MemoryEstimates(baseline_from_config(config))
+        self.estimates = MemoryEstimates(baseline_from_config(config), clock)
+        # Blocking calls off the loop, each kind in threads of its own: a read that never returns (a hung
+        # file system, a GPU fallen off the bus) holds only its own kind's threads.
+        self.nvml = DaemonThreadPool(1, "nvml")
+        self.spooler = Spooler(spool, DaemonThreadPool(config.daemon.spool_threads, "spool"))
         self.pool = DevicePool()
         self.outcomes = WorkerOutcomes(self.registry, self.estimates, self.telemetry, wake)
         w = config.workers
         self.fleet = Fleet(
             self.pool, self.outcomes, wake, clock, spawner,
             w.cancel_grace_s, w.restart_backoff_s, w.restart_backoff_max_s,
+            limits=lambda: worker_limits(self.daemon.config),
         )  # fmt: skip
         self.views = Views(self.registry, self.fleet, self.pool, self.telemetry, clock)
         self.daemon = Daemon(
             config, self.registry, self.fleet, self.pool, probe, self.estimates, self.telemetry,
-            self.wakeup, clock, cpu_count or os.cpu_count() or 1, config_loader,
+            self.wakeup, clock, cpu_count or os.cpu_count() or 1, config_loader, nvml=self.nvml,
         )  # fmt: skip
         self.handlers = Handlers(
             self.registry, spool, self.fleet, self.views, config=lambda: self.daemon.config,
             is_draining=lambda: self.daemon.draining, wake=wake, daemon_uid=os.geteuid(),
+            spooler=self.spooler,
         )  # fmt: skip
         self.monitors = Monitors(
-            probe, self.pool, self.views, self.fleet.abandon_device, self.watchers.publish
+            probe, self.pool, self.views, self.fleet.abandon_device, self.watchers.publish, nvml=self.nvml
         )
         self.system_metrics.register(
             SystemCollector(self.registry, self.views, self.telemetry, clock, lambda: self.daemon.draining)
+        )
+        self.retention = (
+            Retention(pruner, lambda: self.daemon.config.retention, self.registry.forget_finished, clock)
+            if pruner is not None
+            else None
         )
         self.gpu_metrics = gpu_collectors(self.views, self.pool, probe)
 
@@ -89,6 +105,8 @@ class App:
         """The loop and the monitors, until a stop signal."""
         sched = self.daemon.config.scheduler
         monitors = self.monitors.start(sched.gpu_monitor_interval_s, sched.performance_monitor_interval_s)
+        if self.retention is not None:
+            monitors.append(asyncio.create_task(self.retention.run()))
         try:
             await self.daemon.run_until_stopped()
         finally:

@@ -7,12 +7,26 @@ from collections.abc import Sequence
 
 
 class Batch:
-    def __init__(self, batch_id: int, job_ids: Sequence[int]) -> None:
+    def __init__(self, batch_id: int, job_ids: Sequence[int], at: float = 0.0) -> None:
         self.id = batch_id
         self.job_ids = tuple(job_ids)
+        self.heard_at = at  # when its worker last said something about it (dispatched, at first)
         self._started: int | None = None
         self._finished: set[int] = set()
         self._cancel_deadline: tuple[int, float] | None = None  # (job id, when its worker must be killed)
+
+    def heard(self, at: float) -> None:
+        self.heard_at = at
+
+    def silent_for(self, now: float) -> float:
+        """How long its worker has said nothing about it: past workers.progress_timeout_s, it is stuck."""
+        return now - self.heard_at
+
+    @property
+    def blamed_job(self) -> int | None:
+        """The job to blame when its worker is killed for what it does (stuck, too much memory, a broken
+        reply): the one it started, else the one it is about to start."""
+        return self.running_job if self.running_job is not None else self.current_job
 
     def start(self, job_id: int) -> None:
         self._started = job_id

@@ -14,10 +14,12 @@ from whisperd.app import App
 from whisperd.config import load_config
 from whisperd.errors import WhisperdError
 from whisperd.gpuprobe import NvmlProbe
-from whisperd.metrics_http import MetricsServer
+from whisperd.metrics_http import metrics_server
+from whisperd.retention import SqlitePruner
 from whisperd.server import ControlServer, bind_socket
 from whisperd.spool import Spool
 from whisperd.sqlite_store import SqliteStore
+from whisperd.statedir import StateDirLock, prepare_socket_dir, prepare_state_dir
 from whisperd.views import Views
 
 log = logging.getLogger("whisperd")
@@ -62,25 +64,34 @@ async def serve(config_path: Path | None, log_level: str | None) -> int:
     config = load_config(config_path)
     setup_logging(log_level or config.daemon.log_level)
     notifier = systemd.Notifier()
+    os.umask(0o077)  # users' transcripts and audio are the daemon's alone, whatever umask it inherited
     state_dir = Path(config.daemon.state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-    store = SqliteStore(state_dir / "jobs.sqlite3")
+    prepare_state_dir(state_dir)
+    lock = StateDirLock(state_dir)
+    lock.acquire()  # before the database and the socket: a second daemon must touch neither
+    store = SqliteStore(state_dir / "jobs.sqlite3", busy_timeout_s=config.storage.busy_timeout_s)
     app = App(
         config, store, Spool(state_dir / "spool"), NvmlProbe(exclude=frozenset(config.gpu.exclude)),
-        config_loader=lambda: load_config(config_path),
+        config_loader=lambda: load_config(config_path), pruner=SqlitePruner(store.path),
     )  # fmt: skip
     app.daemon.install_signal_handlers()
-    metrics = MetricsServer({"/metrics": app.system_metrics, "/metrics/gpu": app.gpu_metrics})
-    server = ControlServer(app.handlers, app.watchers, app.snapshot, config.daemon.max_request_bytes)
+    metrics = metrics_server(
+        {"/metrics": app.system_metrics, "/metrics/gpu": app.gpu_metrics}, config.metrics
+    )
+    server = ControlServer(
+        app.handlers, app.watchers, app.snapshot, config.daemon.max_request_bytes,
+        limits=lambda: app.daemon.config.daemon,
+    )  # fmt: skip
     socket_path = Path(config.daemon.socket_path)
     sock = systemd.listen_socket()  # socket activation: whisperd.socket holds the socket for us
     owns_socket = sock is None
     if sock is None:
+        prepare_socket_dir(socket_path)  # traversable despite the umask: the socket's mode is the gate
         sock = bind_socket(socket_path, config.daemon.socket_mode)  # refuses if another daemon answers there
     background: list[asyncio.Task[None]] = []
     try:
         if config.metrics.enabled:
-            await metrics.start(config.metrics.listen)
+            await metrics.start(config.metrics.listen)  # a taken port is retried in the background
         notifier.status("recovering the queue and starting workers")
         await app.daemon.start()
         await server.start(sock)
@@ -102,6 +113,7 @@ async def serve(config_path: Path | None, log_level: str | None) -> int:
         store.close()
         if owns_socket:
             socket_path.unlink(missing_ok=True)
+        lock.release()  # last: the next daemon may start once the database is closed and the socket gone
     log.info("whisperd stopped")
     return 0
 

@@ -18,6 +18,11 @@ Ratio = Annotated[float, msgspec.Meta(ge=0, lt=1)]
 
 GIB = 1024**3
 BUNDLED_MODEL = "bundled:tiny.en"
+# FFmpeg demuxers for audio and the common audio/video containers (a name matches every alias of a demuxer:
+# "mov" is mov,mp4,m4a,3gp,...; "matroska" is matroska,webm).
+AUDIO_FORMATS = (
+    "aac", "aiff", "amr", "asf", "avi", "caf", "flac", "matroska", "mov", "mp3", "ogg", "w64", "wav", "wv",
+)  # fmt: skip
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -31,8 +36,17 @@ class DaemonConfig(_Section):
     state_dir: str = ""  # empty: /var/lib/whisperd as root, ~/.local/state/whisperd otherwise
     socket_mode: int = 0o660
     max_request_bytes: PositiveInt = 1024 * 1024
+    max_connections_per_uid: PositiveInt = 64  # open control connections of one uid; root has no limit
+    send_timeout_s: Positive = 10.0  # a client that reads none of a reply for this long is disconnected
     max_audio_bytes: PositiveInt = 4 * GIB
+    # Audio is copied into the spool by a pool of threads of its own (a read that never returns holds one):
+    spool_threads: PositiveInt = 8
+    max_spools_per_user: PositiveInt = 2  # copies one uid may have in progress at once; more: busy
+    spool_timeout_s: Positive = 300.0  # a submit whose audio is not spooled by then is answered with an error
     max_queued_jobs: PositiveInt = 10_000
+    # Per uid, so one user cannot fill the queue or the spool; root and the daemon's user are exempt.
+    max_queued_jobs_per_user: PositiveInt = 1_000  # PENDING + RETRYING jobs of one uid
+    max_spool_bytes_per_user: PositiveInt = 32 * GIB  # spooled audio of one uid's live jobs
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     drain_timeout_s: Positive = 30.0  # on SIGTERM, how long running jobs may finish before they are requeued
 
@@ -49,6 +63,8 @@ class SchedulerConfig(_Section):
     max_retries: NonNegativeInt = 3
     retry_backoff_s: Positive = 1.0  # doubled at each retry
     retry_backoff_max_s: Positive = 60.0
+    # Highest priority an unprivileged user may submit at (root and the daemon's user: up to 1000).
+    user_max_priority: Annotated[int, msgspec.Meta(ge=-1000, le=1000)] = 0
 
 
 class GpuConfig(_Section):
@@ -76,6 +92,24 @@ class WorkersConfig(_Section):
     cancel_grace_s: Positive = 5.0
     start_timeout_s: Positive = 120.0
     max_models_per_worker: PositiveInt = 2
+    # A job whose worker says nothing for this long (stuck in C code) has its worker killed, and the attempt
+    # counts as failed. The longest quiet spells of a healthy job: a model fetched on first use, a 4-hour
+    # file decoded and its spectrogram computed before the first segment.
+    progress_timeout_s: Positive = 600.0
+    # Resident memory of one worker process, checked every second; over it, the worker is killed and the
+    # attempt counts as failed. 0: no cap. faster-whisper holds a job's whole spectrogram (about 1.7 GB an
+    # hour of audio at its peak), so 16 GiB fits a job of transcribe.max_audio_duration_s with a large model.
+    max_memory_bytes: NonNegativeInt = 16 * GIB
+    # Largest result line a worker sends; a longer transcript fails its job. Below the daemon's 64 MiB line.
+    max_result_bytes: Annotated[int, msgspec.Meta(ge=1024, le=60 * 1024 * 1024)] = 32 * 1024 * 1024
+    # The FFmpeg demuxers that may parse submitted audio (no playlists, lists or image sequences).
+    audio_formats: Annotated[list[str], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: list(AUDIO_FORMATS)
+    )
+    # Confine each worker (Linux Landlock and a seccomp filter, where the kernel has them): no writes, no
+    # reads beyond Python, the models and system libraries, no control socket, no TCP but model downloads.
+    sandbox: bool = True
+    sandbox_read_paths: list[str] = []  # more paths workers may read (a CUDA install under /opt, ...)
 
 
 class MetricsConfig(_Section):
@@ -83,12 +117,35 @@ class MetricsConfig(_Section):
     # host:port of the Prometheus endpoint (/metrics every 30 s, /metrics/gpu every 5 s); loopback by
     # default. WHISPERD_METRICS_ADDR overrides it.
     listen: str = "127.0.0.1:9464"
+    max_connections: PositiveInt = 64  # open HTTP connections at once; more are answered 503 and closed
+    idle_timeout_s: Positive = 60.0  # a connection without a request for this long is closed
+    bind_retry_interval_s: Positive = 5.0  # while the address is taken (or cannot be bound), retry this often
 
 
 class TranscribeConfig(_Section):
     default_model: str = "tiny.en"
     beam_size: PositiveInt = 5
     vad_filter: bool = False
+    # Longest audio a job may hold; longer audio fails (from its header, or while decoding when the header
+    # does not say). 4 hours: a long meeting or lecture, and the worker's memory cap is sized for it.
+    max_audio_duration_s: Positive = 4 * 3600.0
+
+
+class StorageConfig(_Section):
+    # Submits are refused (storage_full) while the state dir's file system has less free than this: room
+    # kept for the results of work already accepted (256 MiB: a full default queue of 10,000 jobs at about
+    # 25 KB of transcript each). 0: no floor; a full disk still refuses a submit cleanly.
+    min_free_bytes: NonNegativeInt = 256 * 1024 * 1024
+    # How long a write waits for another process's lock on the job database; the loop waits with it.
+    busy_timeout_s: Positive = 0.1
+
+
+class RetentionConfig(_Section):
+    # Finished jobs (COMPLETED, FAILED, CANCELLED), their transcripts and history are deleted once older
+    # than max_age_s or beyond the newest max_finished_jobs; 0 turns either bound off. Live jobs never.
+    max_age_s: Annotated[float, msgspec.Meta(ge=0)] = 30 * 24 * 3600.0
+    max_finished_jobs: NonNegativeInt = 100_000
+    prune_interval_s: Positive = 600.0
 
 
 class Config(_Section):
@@ -98,6 +155,8 @@ class Config(_Section):
     gpu: GpuConfig = msgspec.field(default_factory=GpuConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     transcribe: TranscribeConfig = msgspec.field(default_factory=TranscribeConfig)
+    storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     # Model name users pass with --model -> faster-whisper model name or a local CTranslate2 directory.
     models: dict[str, str] = msgspec.field(default_factory=lambda: {"tiny.en": BUNDLED_MODEL})
 
@@ -170,6 +229,7 @@ RESTART_ONLY = (
     "daemon.state_dir",
     "daemon.socket_mode",
     "daemon.max_request_bytes",
+    "daemon.spool_threads",
     "scheduler.gpu_monitor_interval_s",
     "scheduler.performance_monitor_interval_s",
     "workers.cpu_workers",
@@ -179,7 +239,10 @@ RESTART_ONLY = (
     "workers.start_timeout_s",
     "workers.restart_backoff_s",
     "workers.restart_backoff_max_s",
+    "workers.sandbox",  # set up as each worker starts
+    "workers.sandbox_read_paths",
     "transcribe.default_model",  # the workers preloaded it
+    "storage.busy_timeout_s",
     "gpu",
     "metrics",
 )

@@ -10,16 +10,18 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 
 from whisperd.config import Config, plan_reload
-from whisperd.errors import WhisperdError
+from whisperd.errors import StorageError, WhisperdError
 from whisperd.estimates import MemoryEstimates, baseline_from_config
 from whisperd.fleet import Fleet
 from whisperd.gpupool import CPU, DevicePool
 from whisperd.gpuprobe import GpuProbe
 from whisperd.jobs import JobEvent
+from whisperd.ledger import spool_sizes
 from whisperd.registry import JobRegistry
-from whisperd.scheduling import Placement, QueuedJob, plan
+from whisperd.scheduling import Placement, plan
 from whisperd.settings import job_spec, plan_settings, retry_policy
 from whisperd.telemetry import Telemetry
 from whisperd.workerspecs import worker_specs
@@ -41,7 +43,9 @@ class Daemon:
         clock: Callable[[], float],
         cpu_count: int,
         config_loader: Callable[[], Config] | None = None,
+        nvml: Executor | None = None,
     ) -> None:
+        """nvml: the thread NVML is called on, the monitors' too (None: the loop's default pool)."""
         self.config = config  # replaced as a whole on reload; others read it through this attribute
         self._registry, self._fleet, self._pool, self._probe = registry, fleet, pool, probe
         self._estimates, self._telemetry = estimates, telemetry
@@ -49,6 +53,7 @@ class Daemon:
         self._clock = clock
         self._cpu_count = cpu_count
         self._config_loader = config_loader
+        self._nvml = nvml
         self._reload_requested = False
         self._stop_signal: int | None = None
         self._stop = asyncio.Event()
@@ -57,9 +62,13 @@ class Daemon:
     async def start(self) -> None:
         """Recover the queue, read the devices, start the workers and wait until they are up."""
         self._registry.recover()
+        # Spool sizes are not stored: measured again for the per-user limits, off the loop.
+        sizes = await asyncio.to_thread(spool_sizes, self._registry.live_spool_paths())
+        self._registry.record_spool_sizes(sizes)
         readings = []
-        if self.config.gpu.enabled and self._probe.start():
-            readings = await asyncio.to_thread(self._probe.read)
+        loop = asyncio.get_running_loop()
+        if self.config.gpu.enabled and await loop.run_in_executor(self._nvml, self._probe.start):
+            readings = await loop.run_in_executor(self._nvml, self._probe.read)
             log.info("NVML driver %s: %s", self._probe.driver_version,
                      ", ".join(f"cuda:{r.index} {r.name}" for r in readings) or "no GPUs")  # fmt: skip
         specs = worker_specs(self.config, readings, self._cpu_count)
@@ -135,40 +144,42 @@ class Daemon:
         started = time.perf_counter()
         try:
             return self._tick()
+        except StorageError as exc:  # never out of the loop: what the store refused is retried next round
+            self._registry.note_store_error(exc)
+            return self.config.scheduler.schedule_interval_s
         finally:
             self._telemetry.tick(time.perf_counter() - started, self._clock())
 
     def _tick(self) -> float:
         now = self._clock()
         next_due = now + self.config.scheduler.schedule_interval_s
+        store_ok = self._registry.retry_deferred()  # first: a refused requeue must land before a dispatch
         for due in (self._registry.release_due_retries(now), self._fleet.enforce_cancel_deadlines()):
             if due is not None:
                 next_due = min(next_due, due)
-        if self.draining or not self._fleet.any_idle():
+        if not store_ok or self.draining or not self._fleet.any_idle():
             return max(0.0, next_due - now)  # nothing can be placed; a worker that frees up wakes us
-        models = self.config.models
-        pending = [j for j in self._registry.pending() if j.model in models]
-        if pending:
+        slots = self._fleet.slots()
+        # One plan places at most a batch per idle worker, so no lane needs more than this many jobs read.
+        take = max(1, sum(1 for s in slots if s.idle)) * self.config.scheduler.max_batch_size
+        waiting = self._registry.waiting(take, self.config.models)
+        if waiting.lanes:
             settings = plan_settings(self.config, self._estimates)
-            queue = [
-                QueuedJob(id=j.id, model=j.model, priority=j.priority, queued_at=j.queued_at,
-                          avoid_devices=self._registry.avoided_devices(j.id))
-                for j in pending
-            ]  # fmt: skip
-            for placement in plan(queue, self._fleet.slots(), self._pool.device_status(), now, settings):
+            for placement in plan(waiting, slots, self._pool.device_status(), now, settings):
                 self._dispatch(placement)
-            batch_due = min(j.queued_at for j in pending) + settings.batch_timeout_s
+            batch_due = min(lane.jobs[0].queued_at for lane in waiting.lanes) + settings.batch_timeout_s
             if settings.min_batch_size > 1 and batch_due > now:  # past due: a free worker wakes us
                 next_due = min(next_due, batch_due)
         return max(0.0, next_due - now)
 
     def _dispatch(self, placement: Placement) -> None:
         log.debug("placing jobs %s on %s: %s", placement.job_ids, placement.worker_id, placement.reason)
-        specs = []
-        for job_id in placement.job_ids:
-            job = self._registry.get(job_id)
-            self._registry.apply(job, JobEvent.DISPATCH, device=placement.device, worker=placement.worker_id)
-            specs.append(job_spec(job, self.config))
+        jobs = [self._registry.get(job_id) for job_id in placement.job_ids]
+        # One commit for the batch; refused, it raises with every job still PENDING and nothing sent.
+        self._registry.apply_many(
+            jobs, JobEvent.DISPATCH, device=placement.device, worker=placement.worker_id
+        )
+        specs = [job_spec(j, self.config) for j in jobs]
         self._fleet.dispatch(placement.worker_id, specs, placement.reserve_bytes)
 
     async def drain(self, timeout_s: float) -> None:
@@ -176,4 +187,7 @@ class Daemon:
         (a job still PROCESSING goes back to the queue at the next start)."""
         self.draining = True
         await self._fleet.stop(timeout_s)
+        if not self._registry.retry_deferred():  # those jobs are still PROCESSING in the store: run again
+            log.error("%d job changes could not be committed before the stop; their jobs run again at the "
+                      "next start", self._registry.uncommitted())  # fmt: skip
         self._probe.close()

@@ -17,6 +17,12 @@ class ConfigError(WhisperdError):
     code = "bad_config"
 
 
+class StateDirError(WhisperdError):
+    """Never on the wire: the state dir is locked by another daemon, or cannot be made private."""
+
+    code = "state_dir"
+
+
 class BadRequest(WhisperdError):
     code = "bad_request"
 
@@ -49,8 +55,35 @@ class QueueFull(WhisperdError):
     code = "queue_full"
 
 
-class StorageFull(WhisperdError):
+class Busy(WhisperdError):
+    """Too much of the caller's work is already in progress (e.g. audio being spooled), or every thread that
+    would take it is busy: nothing was done, and a retry a little later may work."""
+
+    code = "busy"
+
+
+class TooManyConnections(WhisperdError):
+    """The caller's uid already holds daemon.max_connections_per_uid control connections."""
+
+    code = "too_many_connections"
+
+
+class StorageError(WhisperdError):
+    """The job store refused a read or a write (an I/O error); nothing was changed, and a retry may work."""
+
+    code = "storage_error"
+
+
+class StorageFull(StorageError):
+    """No space left for the spool or the job store (or a free-space floor reached)."""
+
     code = "storage_full"
+
+
+class StorageBusy(StorageError):
+    """Another process holds the job store's write lock past the short busy timeout."""
+
+    code = "storage_busy"
 
 
 class NotReady(WhisperdError):

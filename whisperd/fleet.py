@@ -1,13 +1,18 @@
 """The fleet: every worker process and the batch each one runs. The one owner of "which worker runs what":
-it hands out batches (reserving their device memory), follows each batch through its worker's reports,
-enforces cancel deadlines on the injected clock, and hands what the reports mean to the outcomes."""
+it hands out batches (reserving their device memory and passing their audio), follows each batch through its
+worker's reports, enforces cancel deadlines, progress deadlines (on the injected clock) and the workers'
+memory cap, and hands what the reports mean to the outcomes."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Protocol
+
+import msgspec
 
 from whisperd import workerproto as wp
 from whisperd.batch import Batch
@@ -17,6 +22,22 @@ from whisperd.scheduling import WorkerSlot
 from whisperd.supervisor import Spawner, WorkerHandle, WorkerSpec
 
 log = logging.getLogger("whisperd")
+GIB = 1024**3
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
+class WorkerLimits(msgspec.Struct, frozen=True, kw_only=True):
+    max_memory_bytes: int = 0  # resident memory of a busy worker; 0: no cap
+    progress_timeout_s: float = 0.0  # longest silence of a busy worker; 0: none
+
+
+def rss_bytes(pid: int) -> int | None:
+    """A process's resident memory from procfs (no disk, does not block); None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE_BYTES
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class WorkerEvents(Protocol):
@@ -40,7 +61,11 @@ class Fleet:
         cancel_grace_s: float,
         restart_backoff_s: float,
         restart_backoff_max_s: float,
+        limits: Callable[[], WorkerLimits] = WorkerLimits,
+        memory_of: Callable[[int], int | None] = rss_bytes,
+        check_interval_s: float = 1.0,
     ) -> None:
+        """limits: read at each check, so a reload applies at once. memory_of: a process's resident bytes."""
         self._pool = pool
         self._events = events
         self._wake = wake
@@ -48,20 +73,36 @@ class Fleet:
         self._spawner = spawner
         self.cancel_grace_s = cancel_grace_s
         self._restart_backoff = (restart_backoff_s, restart_backoff_max_s)
+        self._limits = limits
+        self._memory_of = memory_of
+        self._check_interval_s = check_interval_s
         self._handles: dict[str, WorkerHandle] = {}
         self._batches: dict[str, Batch] = {}  # by worker id, while it runs one
         self._killed: set[str] = set()  # workers killed through no fault of their running job
+        self._blamed: dict[str, str] = {}  # workers killed for what their job made them do: why
         self._next_batch_id = 1
+        self._checks: asyncio.Task[None] | None = None
 
     # ---- life ----------------------------------------------------------------------------------------
 
     def start(self, specs: Sequence[WorkerSpec]) -> None:
         for spec in specs:
             handle = WorkerHandle(
-                spec, self._on_message, self._on_exit, *self._restart_backoff, self._spawner
-            )
+                spec, self._on_message, self._on_exit, *self._restart_backoff, self._spawner,
+                on_fault=self._on_fault,
+            )  # fmt: skip
             self._handles[spec.id] = handle
             handle.start()
+        if self._checks is None:
+            self._checks = asyncio.create_task(self._check_periodically(), name="worker-limits")
+
+    async def _check_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self._check_interval_s)
+            try:
+                self.enforce_limits()
+            except Exception:  # a check that failed once must not end the checks
+                log.exception("checking the workers' limits failed")
 
     async def wait_ready(self, timeout_s: float) -> int:
         """Wait until every worker is up or timeout_s passes; returns how many are up."""
@@ -74,6 +115,10 @@ class Fleet:
 
     async def stop(self, timeout_s: float) -> None:
         """Let running batches finish within timeout_s (their results still arrive), then stop the workers."""
+        if self._checks is not None:
+            self._checks.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checks
         await asyncio.gather(*(h.stop(timeout_s) for h in self._handles.values()))
 
     # ---- work ----------------------------------------------------------------------------------------
@@ -95,10 +140,12 @@ class Fleet:
 
     def dispatch(self, worker_id: str, jobs: Sequence[wp.JobSpec], reserve_bytes: int) -> Batch:
         handle = self._handles[worker_id]
-        batch = Batch(self._next_batch_id, [j.job_id for j in jobs])
+        batch = Batch(self._next_batch_id, [j.job_id for j in jobs], self._clock())
         self._next_batch_id += 1
         self._pool.reserve(batch.id, handle.spec.device, reserve_bytes)
         self._batches[worker_id] = batch
+        for job in jobs:  # the audio goes first, as descriptors: the worker cannot open the spool
+            handle.send_audio(batch.id, job.job_id, job.audio_path)
         handle.send(wp.RunBatch(batch_id=batch.id, jobs=list(jobs)))
         return batch
 
@@ -136,6 +183,36 @@ class Fleet:
         self._killed.add(worker_id)
         self._handles[worker_id].kill()
 
+    def kill_for_job(self, worker_id: str, reason: str) -> None:
+        """Kill a worker for what its job made it do: the job's attempt then fails with the reason (retried
+        while retries remain), like a crash of the worker on its own."""
+        if worker_id not in self._batches:
+            self.kill(worker_id, reason)  # no job to blame
+            return
+        log.warning("killing worker %s: %s", worker_id, reason, extra={"WORKER": worker_id})
+        self._blamed[worker_id] = reason
+        self._handles[worker_id].kill()
+
+    def enforce_limits(self) -> None:
+        """Kill busy workers stuck past the progress timeout or over the memory cap; their jobs are blamed.
+        Idle workers are left alone: what they hold is their loaded models, no job's doing."""
+        limits, now = self._limits(), self._clock()
+        for worker_id, batch in list(self._batches.items()):
+            handle = self._handles[worker_id]
+            if worker_id in self._killed or worker_id in self._blamed or handle.pid is None:
+                continue  # already on its way out
+            silent_s = batch.silent_for(now)
+            if limits.progress_timeout_s and silent_s > limits.progress_timeout_s:
+                timeout_s = limits.progress_timeout_s
+                reason = f"its worker sent nothing for {silent_s:.0f} s"
+                self.kill_for_job(worker_id, f"{reason} (workers.progress_timeout_s: {timeout_s:g})")
+                continue
+            rss = self._memory_of(handle.pid) if limits.max_memory_bytes else None
+            if rss is not None and rss > limits.max_memory_bytes:
+                cap_gib = limits.max_memory_bytes / GIB
+                reason = f"its worker used {rss / GIB:.1f} GiB of memory, over the limit of {cap_gib:.1f} GiB"
+                self.kill_for_job(worker_id, reason + " (workers.max_memory_bytes)")
+
     # ---- what workers report ---------------------------------------------------------------------------
 
     def _on_message(self, handle: WorkerHandle, message: wp.FromWorker) -> None:
@@ -151,20 +228,28 @@ class Fleet:
             return
         if batch is None or not batch.holds(message.job_id):
             return  # about a batch already settled (the worker was killed and this is its last word)
+        batch.heard(self._clock())
         if isinstance(message, wp.Started):
             batch.start(message.job_id)
         elif isinstance(message, wp.Finished | wp.Failed | wp.Stopped):
             batch.finish(message.job_id)
         self._events.job_message(handle.id, handle.spec.device, message)
 
+    def _on_fault(self, handle: WorkerHandle, reason: str) -> None:
+        self.kill_for_job(handle.id, reason)
+
     def _on_exit(self, handle: WorkerHandle, returncode: int) -> None:
         killed_by_us = handle.id in self._killed
         self._killed.discard(handle.id)
+        blamed = self._blamed.pop(handle.id, None)
         batch = self._end_batch(handle.id)
         if batch is None:
             return
-        culprit = None if killed_by_us else batch.running_job
-        error = f"worker {handle.id} died (exit status {returncode})"
+        if blamed is not None:  # the job's doing, even if a no-fault kill came too
+            culprit, error = batch.blamed_job, blamed
+        else:
+            culprit = None if killed_by_us else batch.running_job
+            error = f"its worker {handle.id} died (exit status {returncode})"
         self._events.batch_interrupted(handle.id, batch.unfinished(), culprit, error)
 
     def _end_batch(self, worker_id: str) -> Batch | None:

@@ -4,7 +4,9 @@ Authorisation rules live here."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import shutil
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -12,21 +14,25 @@ import msgspec
 
 from whisperd import __version__
 from whisperd import protocol as p
-from whisperd.config import Config
+from whisperd.config import Config, DaemonConfig
 from whisperd.errors import (
     BadRequest,
     NotReady,
     PermissionDenied,
     QueueFull,
     ShuttingDown,
+    StorageFull,
     UnknownModel,
     WhisperdError,
 )
 from whisperd.fleet import Fleet
-from whisperd.jobs import JobEvent
+from whisperd.jobs import JobEvent, JobState
+from whisperd.ledger import spool_sizes
 from whisperd.registry import JobRegistry
 from whisperd.spool import Spool
-from whisperd.store import NewJob
+from whisperd.spooling import Spooler
+from whisperd.store import JobRow, NewJob
+from whisperd.threads import DaemonThreadPool
 from whisperd.views import Views
 
 
@@ -57,10 +63,16 @@ class Handlers:
         is_draining: Callable[[], bool],
         wake: Callable[[], None],
         daemon_uid: int,
+        spooler: Spooler | None = None,
+        free_bytes: Callable[[], int] | None = None,
     ) -> None:
-        """config: the running configuration, read afresh per request (a reload replaces it)."""
+        """config: the running configuration, read afresh per request (a reload replaces it). spooler: copies
+        audio into the spool in threads of its own (None: a pool of the default daemon.spool_threads)."""
         self._registry = registry
         self._spool = spool
+        self._spooler = spooler or Spooler(spool, DaemonThreadPool(DaemonConfig().spool_threads, "spool"))
+        # free_bytes: what the state dir's file system has free (statvfs; None: of the spool's directory)
+        self._free_bytes = free_bytes or (lambda: shutil.disk_usage(spool.directory).free)
         self._fleet = fleet
         self._views = views
         self._config = config
@@ -87,25 +99,34 @@ class Handlers:
         config = self._config()
         if self._is_draining():
             raise ShuttingDown("whisperd is shutting down and accepts no new work")
+        self._check_free_space(config.storage.min_free_bytes)
         model = request.model or config.transcribe.default_model
         if model not in config.models:
             known = ", ".join(sorted(config.models))
             raise UnknownModel(f"unknown model {model!r}; this daemon serves: {known}")
         if not request.files:
             raise BadRequest("submit needs at least one file")
+        self._check_priority(request.priority, caller, config)
         limit = config.daemon.max_queued_jobs
         if self._registry.waiting_count() + len(request.files) > limit:
             raise QueueFull(f"the queue is at its limit of {limit} jobs; try again later")
+        self._check_user_limits(caller, config, len(request.files), len(request.files))  # audio: >= 1 byte
         sources: list[tuple[int, bool]] = []
         spooled: list[str] = []
         try:
             for f in request.files:
                 sources.append(self._open(f, caller, fds))
-            for fd, _owned in sources:
-                path, _ = await asyncio.to_thread(self._spool.copy_from_fd, fd, config.daemon.max_audio_bytes)
+            d = config.daemon
+            for (fd, _owned), f in zip(sources, request.files, strict=True):
+                path = await self._spooler.copy(
+                    fd, f.name, caller.uid, d.max_audio_bytes, d.max_spools_per_user, d.spool_timeout_s
+                )
                 spooled.append(path)
+            sizes = await asyncio.to_thread(spool_sizes, dict(enumerate(spooled)))  # our own files: quick
+            # No await from here to the commit, so what others submitted meanwhile is counted.
             if self._registry.waiting_count() + len(request.files) > limit:  # others submitted meanwhile
                 raise QueueFull(f"the queue is at its limit of {limit} jobs; try again later")
+            self._check_user_limits(caller, config, len(request.files), sum(sizes.values()))
             new_jobs = [
                 NewJob(
                     spool_path=path, filename=f.name, owner_uid=caller.uid, model=model,
@@ -114,7 +135,7 @@ class Handlers:
                 )
                 for path, f in zip(spooled, request.files, strict=True)
             ]  # fmt: skip
-            records = self._registry.add(new_jobs)
+            records = self._registry.add(new_jobs, [sizes[i] for i in range(len(spooled))])
         except BaseException:
             for path in spooled:
                 self._spool.discard(path)
@@ -125,6 +146,34 @@ class Handlers:
                     os.close(fd)
         self._wake()
         return p.Jobs(jobs=[r.view() for r in records])
+
+    def _check_priority(self, priority: int, caller: Caller, config: Config) -> None:
+        """Lowering one's priority is anyone's right; raising it above the configured maximum is not."""
+        highest = config.scheduler.user_max_priority
+        if priority > highest and not is_privileged(caller.uid, self._uid):
+            raise PermissionDenied(
+                f"priority {priority} is above {highest}, the highest a user may ask for "
+                "(scheduler.user_max_priority); only root or the daemon's user may go higher"
+            )
+
+    def _check_user_limits(self, caller: Caller, config: Config, jobs: int, audio_bytes: int) -> None:
+        """One user's share of the queue and of the spool. Root and the daemon's user are exempt: they run
+        the service (max_queued_jobs still binds them)."""
+        if is_privileged(caller.uid, self._uid):
+            return
+        d = config.daemon
+        user = self._registry.user_figures(caller.uid)
+        if user.waiting_jobs + jobs > d.max_queued_jobs_per_user:
+            raise QueueFull(
+                f"uid {caller.uid} has {user.waiting_jobs} jobs waiting and the limit per user is "
+                f"{d.max_queued_jobs_per_user} (daemon.max_queued_jobs_per_user); try again when some ran"
+            )
+        if user.spool_bytes + audio_bytes > d.max_spool_bytes_per_user:
+            raise QueueFull(
+                f"uid {caller.uid}'s live jobs hold {user.spool_bytes} bytes of audio, and {audio_bytes} "
+                f"more would pass the limit per user of {d.max_spool_bytes_per_user} bytes "
+                "(daemon.max_spool_bytes_per_user); try again when some have finished"
+            )
 
     def _open(self, f: p.SubmitFile, caller: Caller, fds: list[int]) -> tuple[int, bool]:
         """The descriptor to read a file from, and whether we opened it (and must close it)."""
@@ -138,35 +187,67 @@ class Handlers:
             raise PermissionDenied(
                 "only root or the daemon's user may submit by path; pass the file descriptor"
             )
+        # On the loop, so nothing may block: O_NONBLOCK opens a FIFO without waiting for a writer (the spool
+        # then refuses it), O_NOCTTY keeps a terminal from becoming ours, O_NOFOLLOW refuses a symlink that
+        # could point anywhere the daemon may read.
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW
         try:
-            return os.open(f.path, os.O_RDONLY | os.O_CLOEXEC), True
+            return os.open(f.path, flags), True
         except FileNotFoundError:
             raise BadRequest(f"no such file: {f.path}") from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise BadRequest(f"{f.path} is a symbolic link; give the path of the file itself") from None
             raise BadRequest(f"cannot open {f.path}: {exc.strerror}") from None
 
     async def status(self, request: p.Status, caller: Caller, fds: list[int]) -> p.Reply:
         jobs = self._registry.select(request.ids, request.state, request.limit)
         return p.Jobs(jobs=[j.view() for j in jobs])
 
+    def _check_free_space(self, floor_bytes: int) -> None:
+        """Keep room for the results of the work already accepted: no new work below the floor."""
+        try:
+            free = self._free_bytes() if floor_bytes else floor_bytes
+        except OSError:
+            return  # cannot tell: a disk that is really full still refuses the spooling (storage_full)
+        if free < floor_bytes:
+            raise StorageFull(
+                f"whisperd's disk is nearly full ({free} bytes free, below storage.min_free_bytes of "
+                f"{floor_bytes}): no new work is taken until space is freed"
+            )
+
     async def cancel(self, request: p.Cancel, caller: Caller, fds: list[int]) -> p.Reply:
-        done, errors = [], []
+        """Every job this caller may cancel, in one commit; the others get an error each, in request order."""
+        outcomes: list[tuple[int, WhisperdError | None]] = []  # in request order; None: to be cancelled
+        jobs: dict[int, JobRow] = {}
         for job_id in request.ids:
             try:
                 job = self._registry.get(job_id)
                 if not may_control(job.owner_uid, caller.uid, self._uid):
                     raise PermissionDenied(f"job {job_id} belongs to uid {job.owner_uid}")
-                if job.state.terminal:
-                    raise BadRequest(f"job {job_id} is already {job.state}")
-                worker = job.worker
-                self._registry.apply(job, JobEvent.CANCEL)
-                if worker is not None:
-                    self._fleet.cancel(worker, job.id)
-                done.append(job.view())
+                if job.state.terminal or job_id in jobs:  # a repeated id finds it cancelled already
+                    state = job.state if job.state.terminal else JobState.CANCELLED
+                    raise BadRequest(f"job {job_id} is already {state}")
+                jobs[job_id] = job
+                outcomes.append((job_id, None))
             except WhisperdError as exc:
-                errors.append(p.ErrorBody(code=exc.code, message=exc.message, job_id=job_id))
+                outcomes.append((job_id, exc))
+        workers = {job_id: job.worker for job_id, job in jobs.items()}
+        try:
+            self._registry.apply_many(list(jobs.values()), JobEvent.CANCEL)
+        except WhisperdError as refused:  # the store refused the commit: none of them is cancelled
+            outcomes = [(job_id, refused if exc is None else exc) for job_id, exc in outcomes]
+            jobs = {}
+        for job_id, worker in workers.items():
+            if worker is not None and job_id in jobs:
+                self._fleet.cancel(worker, job_id)
+        errors = [
+            p.ErrorBody(code=exc.code, message=exc.message, job_id=job_id)
+            for job_id, exc in outcomes
+            if exc is not None
+        ]
         self._wake()
-        return p.Jobs(jobs=done, errors=errors)
+        return p.Jobs(jobs=[job.view() for job in jobs.values()], errors=errors)
 
     async def result(self, request: p.Result, caller: Caller, fds: list[int]) -> p.Reply:
         job = self._registry.get(request.id)

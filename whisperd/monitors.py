@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 
 import msgspec
 
@@ -36,8 +37,13 @@ class Monitors:
         views: Views,
         abandon_device: Callable[[str], None],
         publish: Callable[[msgspec.Struct], None],
+        *,
+        nvml: Executor,
     ) -> None:
+        """nvml: the one thread NVML is called on, apart from the loop's default pool, so that nothing else
+        (a hung spool read, say) can keep the GPU monitor from its readings."""
         self._probe = probe
+        self._nvml = nvml
         self._pool = pool
         self._views = views
         self._abandon_device = abandon_device
@@ -62,7 +68,7 @@ class Monitors:
 
     async def gpu_status(self) -> None:
         if self._pool.gpu_names:  # a CPU-only daemon never calls NVML again
-            readings = await asyncio.to_thread(self._probe.read)
+            readings = await asyncio.get_running_loop().run_in_executor(self._nvml, self._probe.read)
             self._pool.update(readings)
             self._note_health(readings)
         self._publish(DeviceSnapshot(devices=self._views.devices()))

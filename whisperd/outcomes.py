@@ -49,19 +49,20 @@ class WorkerOutcomes:
             self._registry.set_progress(job, message.progress, message.audio_duration_s)
         elif isinstance(message, wp.Finished):
             duration_s = message.transcript.duration_s
-            self._registry.apply(
+            # A commit the store refuses keeps the transcript in memory until a later round commits it.
+            self._registry.apply_or_defer(
                 job, JobEvent.COMPLETE, transcript=message.transcript, audio_duration_s=duration_s
             )
             self._telemetry.job_completed(job.model, duration_s, message.processing_s)
         elif isinstance(message, wp.Failed):
             if message.kind == "oom":
                 self._out_of_memory(device, job)
-            self._registry.apply(job, _FAILURE_EVENTS[message.kind], error=message.error)
+            self._registry.apply_or_defer(job, _FAILURE_EVENTS[message.kind], error=message.error)
             self._wake()
         elif isinstance(message, wp.Stopped):
             # Still PROCESSING, so not cancelled by its user (that would have ended it already): the stop
             # was meant for an earlier run, or the batch stopped. Either way it goes back to the queue.
-            self._registry.apply(job, JobEvent.REQUEUE)
+            self._registry.apply_or_defer(job, JobEvent.REQUEUE)
             self._wake()
 
     def _out_of_memory(self, device: str, job: JobRow) -> None:
@@ -84,7 +85,7 @@ class WorkerOutcomes:
             if job is None:
                 continue
             if job_id == culprit:
-                self._registry.apply(job, JobEvent.FAIL, error=error)
+                self._registry.apply_or_defer(job, JobEvent.FAIL, error=error)
             else:
-                self._registry.apply(job, JobEvent.REQUEUE)
+                self._registry.apply_or_defer(job, JobEvent.REQUEUE)
         self._wake()

@@ -7,6 +7,7 @@ on one line, tagged by "reply" and carrying "ok". See docs/protocol.md.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 import msgspec
@@ -16,6 +17,33 @@ from whisperd.jobs import JobState
 
 PROTOCOL_VERSION = 1
 Task = Literal["transcribe", "translate"]
+
+# ---- request bounds (docs/protocol.md, "limits"): what one request may ask for, so that no request costs
+# far more than its size says; enforced by the one decoder below.
+
+MAX_JOB_ID = 2**63 - 1  # SQLite's INTEGER
+MAX_NAME_CHARS = 4096  # PATH_MAX: any path fits
+MAX_MODEL_CHARS = 256
+MAX_LANGUAGE_CHARS = 16
+MAX_FILES_PER_SUBMIT = 1000
+MAX_IDS_PER_REQUEST = 10_000
+MAX_STATUS_LIMIT = 10_000
+# C0 and C1 controls, DEL and the Unicode line separators: a name is shown in terminals and log lines.
+_NO_CONTROLS = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"
+_NO_NUL = r"^[^\x00]*$"
+_LANGUAGE = "^[a-z][a-z-]*$"
+_PATTERN_WORDS = {
+    _NO_CONTROLS: "without control characters",
+    _NO_NUL: "without NUL bytes",
+    _LANGUAGE: "of lowercase letters and '-' (a language code such as \"en\")",
+}
+
+JobId = Annotated[int, msgspec.Meta(ge=1, le=MAX_JOB_ID)]
+JobIds = Annotated[list[JobId], msgspec.Meta(max_length=MAX_IDS_PER_REQUEST)]
+Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS, pattern=_NO_CONTROLS)]
+FilePath = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS, pattern=_NO_NUL)]
+ModelName = Annotated[str, msgspec.Meta(max_length=MAX_MODEL_CHARS, pattern=_NO_CONTROLS)]
+Language = Annotated[str, msgspec.Meta(max_length=MAX_LANGUAGE_CHARS, pattern=_LANGUAGE)]
 
 
 # ---- shared payloads ---------------------------------------------------------------------------------
@@ -93,6 +121,17 @@ class WorkerView(msgspec.Struct, kw_only=True):
     restarts: int
 
 
+class UserStatsView(msgspec.Struct, kw_only=True):
+    """One user's share: every uid with a live job or a job finished since the daemon started."""
+
+    uid: int
+    queued_jobs: int  # PENDING + RETRYING
+    running_jobs: int  # PROCESSING
+    finished_jobs: int  # COMPLETED, FAILED or CANCELLED since start
+    spool_bytes: int  # audio the user's live jobs hold in the spool
+    audio_seconds: float  # audio of the user's jobs COMPLETED since start
+
+
 class StatsView(msgspec.Struct, kw_only=True):
     states: dict[str, int]
     queue_depth: int  # PENDING + RETRYING
@@ -102,6 +141,7 @@ class StatsView(msgspec.Struct, kw_only=True):
     audio_seconds_total: float
     processing_seconds_total: float
     realtime_factor: float | None  # audio seconds per processing second since start
+    users: list[UserStatsView] = []  # by uid; absent from daemons older than it
 
 
 class ErrorBody(msgspec.Struct):
@@ -122,32 +162,33 @@ class Ping(_Request, tag="ping", kw_only=True):
 
 
 class SubmitFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    name: str  # what status shows; the caller's path or a label
+    name: Name  # what status shows; the caller's path or a label
     fd_index: int | None = None  # index into the descriptors sent with this request (SCM_RIGHTS)
-    path: str | None = None  # a path the daemon opens itself: only for root or the daemon's own user
+    path: FilePath | None = None  # a path the daemon opens itself: only for root or the daemon's own user
 
 
 class Submit(_Request, tag="submit", kw_only=True):
-    files: list[SubmitFile]
-    model: str | None = None
-    language: str | None = None
+    files: Annotated[list[SubmitFile], msgspec.Meta(max_length=MAX_FILES_PER_SUBMIT)]
+    model: ModelName | None = None
+    language: Language | None = None
     task: Task = "transcribe"
     priority: Annotated[int, msgspec.Meta(ge=-1000, le=1000)] = 0  # higher runs first
     word_timestamps: bool = False
 
 
 class Status(_Request, tag="status", kw_only=True):
-    ids: list[int] = []
+    ids: JobIds = []
     state: JobState | None = None
-    limit: Annotated[int, msgspec.Meta(ge=1)] = 1000  # the newest jobs, when no ids are given
+    # the newest jobs, when no ids are given
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_STATUS_LIMIT)] = 1000
 
 
 class Cancel(_Request, tag="cancel", kw_only=True):
-    ids: list[int]
+    ids: JobIds
 
 
 class Result(_Request, tag="result", kw_only=True):
-    id: int
+    id: JobId
 
 
 class Gpu(_Request, tag="gpu", kw_only=True):
@@ -232,10 +273,19 @@ def decode_request(line: bytes) -> Request:
         return request_decoder.decode(line)
     except msgspec.ValidationError as exc:
         if "$.op" in str(exc) or "missing required field `op`" in str(exc):
-            raise UnknownOp(f"unknown or missing op: {exc}") from exc
-        raise BadRequest(f"invalid request: {exc}") from exc
+            raise UnknownOp(f"unknown or missing op: {exc}") from None
+        raise BadRequest(f"invalid request: {_in_words(str(exc))}") from None
     except msgspec.DecodeError as exc:
-        raise BadRequest(f"malformed JSON: {exc}") from exc
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    except RecursionError:  # msgspec skips an unknown field before the tag by recursing into it
+        raise BadRequest("malformed JSON: nested too deeply") from None
+
+
+def _in_words(message: str) -> str:
+    """msgspec names a broken pattern by its regex; say what it means instead."""
+    for pattern, words in _PATTERN_WORDS.items():
+        message = message.replace(f"matching regex {pattern!r}", words)
+    return message
 
 
 def decode_reply(line: bytes) -> Reply:
@@ -247,33 +297,67 @@ def decode_reply(line: bytes) -> Reply:
 
 class LineBuffer:
     """Splits a byte stream into lines of at most max_line_bytes. An over-long line comes out, in its place
-    in the stream, as a RequestTooLarge error (once), and the rest of it is skipped up to its newline."""
+    in the stream, as a RequestTooLarge error (once), and the rest of it is skipped up to its newline.
+    Each byte is searched for a newline once, however the stream is cut (a sender of one byte at a time
+    costs no more than one sending it whole)."""
 
     def __init__(self, max_line_bytes: int) -> None:
         self._max = max_line_bytes
         self._buf = bytearray()
+        self._searched = 0  # bytes at the start of _buf known to hold no newline
         self._discarding = False
 
     def feed(self, data: bytes) -> list[bytes | RequestTooLarge]:
         self._buf += data
         items: list[bytes | RequestTooLarge] = []
-        while (newline := self._buf.find(b"\n")) >= 0:
+        while (newline := self._find_newline(self._searched)) >= 0:
             line = bytes(self._buf[:newline])
             del self._buf[: newline + 1]
+            self._searched = 0
             if self._discarding:
                 self._discarding = False
             elif len(line) > self._max:
                 items.append(self._too_large())
             elif line.strip():
                 items.append(line)
+        self._searched = len(self._buf)
         if len(self._buf) > self._max:
-            self._buf.clear()
+            self._clear()
             if not self._discarding:
                 self._discarding = True
                 items.append(self._too_large())
         elif self._discarding:
-            self._buf.clear()
+            self._clear()
         return items
+
+    def _find_newline(self, start: int) -> int:
+        return self._buf.find(b"\n", start)
+
+    def _clear(self) -> None:
+        self._buf.clear()
+        self._searched = 0
 
     def _too_large(self) -> RequestTooLarge:
         return RequestTooLarge(f"request exceeds {self._max} bytes")
+
+
+# ---- showing untrusted text ---------------------------------------------------------------------------
+
+# Controls (Cc: terminal escapes), format characters (Cf: bidi overrides, invisible ones; Unicode 14), line
+# and paragraph separators and lone surrogates (undecodable file names): shown escaped, so that a name or a
+# message cannot rewrite a terminal or forge a log line.
+_UNPRINTABLE = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f"
+    r"\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\ud800-\udfff\U000110bd\U000110cd"
+    r"\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]"
+)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def printable(text: str) -> str:
+    """text with every control, format or separator character escaped as \\xNN or \\uNNNN."""
+    return _UNPRINTABLE.sub(_escape, text)

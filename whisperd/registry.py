@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Container, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import msgspec
 
-from whisperd.errors import NotFound
+from whisperd.errors import NotFound, StorageError
 from whisperd.jobs import JobEvent, JobState, retry_delay_s, transition
-from whisperd.protocol import JobView, Transcript
+from whisperd.ledger import Ledger, UserFigures
+from whisperd.protocol import JobView, Transcript, printable
+from whisperd.scheduling import Lane, QueuedJob, Waiting
 from whisperd.spool import Spool
 from whisperd.store import JobRow, NewJob, Store
 
@@ -26,6 +28,26 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
     max_retries: int
     backoff_s: float
     backoff_max_s: float
+
+
+class _Step(NamedTuple):
+    """One transition taken in memory, waiting for its commit (or to be undone)."""
+
+    job: JobRow
+    before: JobRow  # a copy as it was
+    old: JobState
+    event: JobEvent
+    transcript: Transcript | None
+    spool: str | None  # the audio to discard once a terminal transition is committed
+
+
+class _Deferred(NamedTuple):
+    """A transition the store refused, to commit at a later round; the job stays as it was meanwhile."""
+
+    from_state: JobState
+    event: JobEvent
+    transcript: Transcript | None
+    changes: dict[str, Any]
 
 
 class JobRegistry:
@@ -50,6 +72,9 @@ class JobRegistry:
         # Waiting jobs (PENDING, RETRYING) by id, in the order they were (re)queued: the first is the oldest.
         self._waiting: dict[int, float] = {}
         self._avoid_devices: dict[int, frozenset[str]] = {}  # live job -> devices it ran out of memory on
+        self._deferred: dict[int, _Deferred] = {}  # live job -> its transition the store refused, in order
+        self._store_failing = False  # to log a failing store once, and its recovery once
+        self._ledger = Ledger()  # per-user figures and the lanes of PENDING jobs the scheduler reads
 
     # ---- start-up ------------------------------------------------------------------------------------
 
@@ -59,12 +84,19 @@ class JobRegistry:
         interrupted = []
         for job in sorted(self._store.live_jobs(), key=lambda j: j.queued_at):
             self._live[job.id] = job
+            self._ledger.moved(job, None, None)
             if job.state is JobState.PROCESSING:
                 interrupted.append(job)
             else:
                 self._waiting[job.id] = job.queued_at
-        for job in interrupted:  # after the waiting ones, whose places in the queue stay theirs
-            self.apply(job, JobEvent.REQUEUE, error=None)
+        try:  # after the waiting ones, whose places in the queue stay theirs; one commit for them all
+            self.apply_many(interrupted, JobEvent.REQUEUE, error=None)
+        except StorageError as exc:
+            # A full disk must not stop the daemon from starting: they stay PROCESSING in memory (placed
+            # nowhere) and the requeue is committed at a later round, before any of them is dispatched.
+            self.note_store_error(exc)
+            for job in interrupted:
+                self._deferred[job.id] = _Deferred(job.state, JobEvent.REQUEUE, None, {"error": None})
         requeued = len(interrupted)
         removed = self._spool.remove_orphans(self._store.spool_names_in_use())
         log.info("recovered %d live jobs (%d were processing); removed %d orphan spool files",
@@ -118,15 +150,48 @@ class JobRegistry:
     def avoided_devices(self, job_id: int) -> frozenset[str]:
         return self._avoid_devices.get(job_id, frozenset())
 
+    def user_figures(self, uid: int) -> UserFigures:
+        """One user's jobs waiting and running, spooled bytes, ...: what the per-user limits bound."""
+        return self._ledger.user(uid)
+
+    def users(self) -> dict[int, UserFigures]:
+        return self._ledger.users()
+
+    def waiting(self, take: int, models: Container[str]) -> Waiting:
+        """What the plan sees of the PENDING jobs of the models served: lanes by (priority, owner, model),
+        each with its length and first `take` jobs, and when each user was last served (the turns)."""
+        lanes = tuple(
+            Lane(priority=priority, owner_uid=uid, model=model, count=count, jobs=tuple(
+                QueuedJob(id=j.id, model=j.model, priority=j.priority, queued_at=j.queued_at,
+                          owner_uid=j.owner_uid, avoid_devices=self.avoided_devices(j.id))
+                for j in first
+            ))
+            for (priority, uid, model), count, first in self._ledger.lanes(take)
+            if model in models
+        )  # fmt: skip
+        return Waiting(lanes=lanes, last_served=self._ledger.last_served())
+
+    def live_spool_paths(self) -> dict[int, str]:
+        return {j.id: j.spool_path for j in self._live.values() if j.spool_path is not None}
+
+    def record_spool_sizes(self, sizes: Mapping[int, int]) -> None:
+        """Sizes of live jobs' spooled audio measured after recovery (they are not stored)."""
+        for job_id, size in sizes.items():
+            if (job := self._live.get(job_id)) is not None:
+                self._ledger.spooled(job, size)
+
     # ---- writes --------------------------------------------------------------------------------------
 
-    def add(self, new_jobs: Sequence[NewJob]) -> list[JobRow]:
+    def add(self, new_jobs: Sequence[NewJob], spool_bytes: Sequence[int] = ()) -> list[JobRow]:
+        """spool_bytes: the size of each new job's spooled audio, in order (the per-user limit counts it)."""
         records = self._store.insert_jobs(new_jobs, self._clock())
-        for job in records:
+        for i, job in enumerate(records):
             self._live[job.id] = job
             self._counts[job.state] += 1
             self._waiting[job.id] = job.queued_at
-            log.info("job %d PENDING: %s (model %s)", job.id, job.filename, job.model,
+            self._ledger.moved(job, None, None)
+            self._ledger.spooled(job, spool_bytes[i] if i < len(spool_bytes) else 0)
+            log.info("job %d PENDING: %s (model %s)", job.id, printable(job.filename), job.model,
                      extra={"JOB_ID": job.id, "JOB_STATE": job.state.value, "MODEL": job.model})  # fmt: skip
             self._publish_view(job.view())
         return records
@@ -139,18 +204,102 @@ class JobRegistry:
     def release_due_retries(self, now: float) -> float | None:
         """RETRYING jobs whose backoff has elapsed go back to the queue; returns when the next one is due."""
         next_due: float | None = None
+        due = []
         for job in self.live():
             if job.state is JobState.RETRYING and job.not_before is not None:
                 if job.not_before <= now:
-                    self.apply(job, JobEvent.BACKOFF_ELAPSED)
+                    due.append(job)
                 else:
                     next_due = job.not_before if next_due is None else min(next_due, job.not_before)
+        try:
+            self.apply_many(due, JobEvent.BACKOFF_ELAPSED)
+        except StorageError as exc:  # they stay RETRYING, due, and are released at a later round
+            self.note_store_error(exc)
         return next_due
 
     def apply(
         self, job: JobRow, event: JobEvent, transcript: Transcript | None = None, **changes: Any
     ) -> None:
-        """Take one transition through the state machine (raising if illegal), then persist and publish."""
+        """Take one transition through the state machine (raising if illegal), then persist and publish. A
+        commit the store refuses raises its StorageError and leaves the job exactly as it was."""
+        self._commit([self._prepare(job, event, transcript, changes)])
+
+    def apply_many(self, jobs: Sequence[JobRow], event: JobEvent, **changes: Any) -> None:
+        """One event for each of these (distinct) jobs, in one commit: all of them or, raising, none."""
+        steps: list[_Step] = []
+        try:
+            for job in jobs:
+                steps.append(self._prepare(job, event, None, changes))
+        except BaseException:
+            self._undo(steps)
+            raise
+        self._commit(steps)
+
+    def apply_or_defer(
+        self, job: JobRow, event: JobEvent, transcript: Transcript | None = None, **changes: Any
+    ) -> bool:
+        """apply(), except that a commit the store refuses (a full disk, a locked database) is kept, the job
+        staying as it was in memory, and committed by retry_deferred() at a later round: a worker's result
+        outlives a full disk, and its caller never sees the store's error. True if committed now."""
+        transition(job.state, event, job.retries, self.policy.max_retries)  # an illegal event raises now
+        if job.id in self._deferred:
+            return False  # its earlier outcome still waits for its commit: that one stands
+        if not self._deferred:  # else the store is failing: wait behind the others, not for the busy timeout
+            try:
+                self.apply(job, event, transcript, **changes)
+                return True
+            except StorageError as exc:
+                self.note_store_error(exc)
+        self._deferred[job.id] = _Deferred(job.state, event, transcript, dict(changes))
+        return False
+
+    def retry_deferred(self) -> bool:
+        """Commit the transitions the store refused, all in one transaction; True when none waits any more.
+        One overtaken meanwhile (its job cancelled by its user) is dropped."""
+        if not self._deferred:
+            return True
+        steps: list[_Step] = []
+        try:
+            for job_id, deferred in list(self._deferred.items()):
+                job = self._live.get(job_id)
+                if job is None or job.state is not deferred.from_state:
+                    del self._deferred[job_id]
+                    continue
+                steps.append(self._prepare(job, deferred.event, deferred.transcript, deferred.changes))
+            self._commit(steps)
+        except StorageError as exc:
+            self.note_store_error(exc)
+            return False
+        except BaseException:
+            self._undo(steps)
+            raise
+        self._deferred.clear()
+        if self._store_failing:
+            self._store_failing = False
+            log.warning("the job store takes commits again; %d transitions that waited are committed",
+                        len(steps))  # fmt: skip
+        return True
+
+    def uncommitted(self) -> int:
+        """Transitions waiting for the store to take their commit."""
+        return len(self._deferred)
+
+    def note_store_error(self, exc: StorageError) -> None:
+        """The store refused a commit; what it refused is retried at later rounds. Logged once a spell."""
+        if not self._store_failing:
+            self._store_failing = True
+            log.error("the job store refuses commits (%s): job changes wait in memory and are retried every "
+                      "round", exc.message)  # fmt: skip
+
+    def forget_finished(self, removed: Mapping[JobState, int]) -> None:
+        """Finished jobs the retention deleted from the store: the counts follow."""
+        for state, count in removed.items():
+            self._counts[state] -= count
+
+    def _prepare(
+        self, job: JobRow, event: JobEvent, transcript: Transcript | None, changes: Mapping[str, Any]
+    ) -> _Step:
+        """Take the transition in memory (raising, with nothing changed, if it is illegal)."""
         old = job.state
         policy = self.policy
         new, retries = transition(old, event, job.retries, policy.max_retries)
@@ -172,14 +321,36 @@ class JobRegistry:
             if new is JobState.COMPLETED:
                 job.progress = 100.0
             spool, job.spool_path = job.spool_path, None
+        return _Step(job, before, old, event, transcript, spool)
+
+    @staticmethod
+    def _undo(steps: Sequence[_Step]) -> None:
+        for step in reversed(steps):
+            for name in step.job.__struct_fields__:
+                setattr(step.job, name, getattr(step.before, name))
+
+    def _commit(self, steps: Sequence[_Step]) -> None:
+        """Persist the steps in one commit, then count, log and publish each; undo them all if refused."""
+        if not steps:
+            return
         try:
-            self._store.save_transition(job, old, event, transcript)
+            if len(steps) == 1:
+                self._store.save_transition(steps[0].job, steps[0].old, steps[0].event, steps[0].transcript)
+            else:
+                self._store.save_transitions([(s.job, s.old, s.event, s.transcript) for s in steps])
         except BaseException:
-            for name in job.__struct_fields__:
-                setattr(job, name, getattr(before, name))
+            self._undo(steps)
             raise
+        for step in steps:
+            self._committed(step)
+
+    def _committed(self, step: _Step) -> None:
+        job, old, event, spool = step.job, step.old, step.event, step.spool
+        new, now = job.state, job.updated_at
+        self._deferred.pop(job.id, None)
         self._counts[old] -= 1
         self._counts[new] += 1
+        self._ledger.moved(job, old, event)
         self._waiting.pop(job.id, None)
         if new in (JobState.PENDING, JobState.RETRYING):
             self._waiting[job.id] = now  # to the tail, so the first entry stays the oldest
@@ -199,7 +370,8 @@ class JobRegistry:
     @staticmethod
     def _log_transition(job: JobRow, old: JobState, new: JobState, event: JobEvent) -> None:
         level = logging.WARNING if new in (JobState.FAILED, JobState.RETRYING) else logging.INFO
-        error = f": {job.error}" if job.error and new is not JobState.COMPLETED else ""
+        # escaped: a user's file name or its decoder's message must not forge log lines
+        error = f": {printable(job.error)}" if job.error and new is not JobState.COMPLETED else ""
         fields = {
             "JOB_ID": job.id, "JOB_STATE": new.value, "MODEL": job.model, "DEVICE": job.device or "",
             "WORKER": job.worker or "", "RETRIES": job.retries,

@@ -1,5 +1,10 @@
 """The placement decision, a pure function over snapshots: plan(queue, workers, devices, now) -> placements.
 
+The order: priority first; at equal priority, round robin by user (the user served least recently goes
+next, each job placed is one turn); within one user, FIFO. The queue comes as lanes, one per (priority,
+user, model), each oldest first, so a plan reads only the heads and lengths of the lanes and the jobs it
+places, however long the queue (see docs/architecture.md, "Fair share").
+
 The memory rule: work goes to a GPU only while its available memory exceeds the minimum free memory
 (1 GiB) and, after the batch's reservation, the safety margin (10 % of its total) stays free. A CPU device
 has no memory limit. Jobs of one model form a batch of min..max size; a smaller group than min_batch_size
@@ -9,7 +14,7 @@ waits at most batch_timeout_s for company.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 
 import msgspec
 
@@ -20,6 +25,39 @@ class QueuedJob(msgspec.Struct, frozen=True, kw_only=True):
     priority: int
     queued_at: float
     avoid_devices: frozenset[str] = frozenset()  # devices where it ran out of memory: try elsewhere first
+    owner_uid: int = 0
+
+
+class Lane(msgspec.Struct, frozen=True, kw_only=True):
+    """One user's waiting jobs of one model at one priority, oldest first. `jobs` may be only the first
+    ones (as many as one plan can place: idle workers x max batch size); `count` is all of them."""
+
+    priority: int
+    owner_uid: int
+    model: str
+    jobs: tuple[QueuedJob, ...]
+    count: int
+
+
+class Waiting(msgspec.Struct, frozen=True, kw_only=True):
+    """The queue as plan() reads it: its lanes, and when each user was last served (a stamp that grows
+    with every job dispatched; a user not named was never served and goes first)."""
+
+    lanes: tuple[Lane, ...] = ()
+    last_served: Mapping[int, int] = msgspec.field(default_factory=dict)
+
+
+def waiting_of(jobs: Iterable[QueuedJob], last_served: Mapping[int, int] | None = None) -> Waiting:
+    """A flat list of jobs as lanes, each in FIFO order (queued_at, then id)."""
+    grouped: dict[tuple[int, int, str], list[QueuedJob]] = {}
+    for job in jobs:
+        grouped.setdefault((job.priority, job.owner_uid, job.model), []).append(job)
+    lanes = tuple(
+        Lane(priority=p, owner_uid=uid, model=model, count=len(js),
+             jobs=tuple(sorted(js, key=lambda j: (j.queued_at, j.id))))
+        for (p, uid, model), js in grouped.items()
+    )  # fmt: skip
+    return Waiting(lanes=lanes, last_served=dict(last_served or {}))
 
 
 class WorkerSlot(msgspec.Struct, frozen=True, kw_only=True):
@@ -72,17 +110,33 @@ def fits(device: DeviceStatus, reserve_bytes: int, settings: PlanSettings) -> bo
     return available - reserve_bytes >= margin
 
 
-def _queue_order(job: QueuedJob) -> tuple[int, float, int]:
-    return (-job.priority, job.queued_at, job.id)
+class _Cursor:
+    """A lane as one plan takes jobs from it."""
+
+    __slots__ = ("lane", "taken")
+
+    def __init__(self, lane: Lane) -> None:
+        self.lane = lane
+        self.taken = 0
+
+    def remaining(self) -> int:
+        return self.lane.count - self.taken
+
+    def head(self) -> QueuedJob | None:
+        return self.lane.jobs[self.taken] if self.taken < min(self.lane.count, len(self.lane.jobs)) else None
 
 
-def _ready_models(queue: Sequence[QueuedJob], now: float, settings: PlanSettings) -> set[str]:
+def _ready_models(lanes: Sequence[_Cursor], now: float, settings: PlanSettings) -> set[str]:
     """Models whose waiting jobs may go now: enough for a minimum batch, or the oldest waited long enough."""
     count: dict[str, int] = {}
     oldest: dict[str, float] = {}
-    for job in queue:
-        count[job.model] = count.get(job.model, 0) + 1
-        oldest[job.model] = min(oldest.get(job.model, job.queued_at), job.queued_at)
+    for lane in lanes:
+        head = lane.head()
+        if head is None:
+            continue
+        model = lane.lane.model
+        count[model] = count.get(model, 0) + lane.remaining()
+        oldest[model] = min(oldest.get(model, head.queued_at), head.queued_at)
     return {
         model
         for model, n in count.items()
@@ -90,26 +144,44 @@ def _ready_models(queue: Sequence[QueuedJob], now: float, settings: PlanSettings
     }
 
 
+def _next(lanes: Sequence[_Cursor], served: Mapping[int, int], allowed: Set[str]) -> _Cursor | None:
+    """The lane whose head goes next among those of allowed models: highest priority, then the user served
+    least recently, then the oldest job (so one user's jobs stay FIFO)."""
+    best: _Cursor | None = None
+    best_key: tuple[int, int, float, int] | None = None
+    for lane in lanes:
+        head = lane.head()
+        if head is None or lane.lane.model not in allowed:
+            continue
+        key = (-lane.lane.priority, served.get(lane.lane.owner_uid, 0), head.queued_at, head.id)
+        if best_key is None or key < best_key:
+            best, best_key = lane, key
+    return best
+
+
 def plan(
-    queue: Sequence[QueuedJob],
+    queue: Waiting | Sequence[QueuedJob],
     workers: Sequence[WorkerSlot],
     devices: Mapping[str, DeviceStatus],
     now: float,
     settings: PlanSettings,
 ) -> list[Placement]:
-    """Priority, then FIFO. Each idle worker takes at most one batch of one model. A batch is sized so the
-    model's waiting jobs spread over all of its workers (busy ones included), between min and max."""
-    waiting = sorted(queue, key=_queue_order)
+    """Priority, then round robin by user, then FIFO. Each idle worker takes at most one batch of one
+    model. A batch is sized so the model's waiting jobs spread over all of its workers (busy ones included),
+    between min and max, and is filled in the same order (a batch may hold several users' jobs)."""
+    waiting = queue if isinstance(queue, Waiting) else waiting_of(queue)
+    lanes = [_Cursor(lane) for lane in waiting.lanes if lane.count > 0]
+    served = dict(waiting.last_served)
+    stamp = max(served.values(), default=0)
     idle = [w for w in workers if w.idle]
     placed_workers = 0
     room = dict(devices)  # what is left on each device as this plan reserves
     placements: list[Placement] = []
     blocked: set[str] = set()
     while idle:
-        ready = _ready_models(
-            waiting, now, settings
-        )  # again each round: a left-over may be below the minimum
-        head = next((j for j in waiting if j.model in ready and j.model not in blocked), None)
+        ready = _ready_models(lanes, now, settings)  # again each round: a left-over may be below the minimum
+        first = _next(lanes, served, ready - blocked)
+        head = first.head() if first is not None else None
         if head is None:
             break
         model = head.model
@@ -121,14 +193,21 @@ def plan(
         candidates = [w for w in candidates if w.device not in head.avoid_devices] or candidates
         worker = min(candidates, key=lambda w: _preference(w, model, room[w.device]))
         device = room[worker.device]
-        of_model = [j for j in waiting if j.model == model]
+        of_model = sum(lane.remaining() for lane in lanes if lane.lane.model == model)
         # Spread the model's jobs over the workers not yet given a batch in this plan (busy ones included).
         usable_workers = (
             sum(1 for w in workers if w.device in room and room[w.device].healthy) - placed_workers
         )
-        size = math.ceil(len(of_model) / max(1, usable_workers))
+        size = math.ceil(of_model / max(1, usable_workers))
         size = max(settings.min_batch_size, min(settings.max_batch_size, size))
-        batch = of_model[:size]
+        batch: list[QueuedJob] = []
+        while len(batch) < size and (lane := _next(lanes, served, {model})) is not None:
+            job = lane.head()
+            assert job is not None  # _next returns only lanes with a head
+            batch.append(job)
+            lane.taken += 1
+            stamp += 1
+            served[lane.lane.owner_uid] = stamp  # one job placed is one turn
         is_gpu = device.available_memory_bytes is not None
         placements.append(
             Placement(
@@ -142,8 +221,6 @@ def plan(
         )
         idle.remove(worker)
         placed_workers += 1
-        taken = {j.id for j in batch}
-        waiting = [j for j in waiting if j.id not in taken]
         room[worker.device] = msgspec.structs.replace(
             device,
             available_memory_bytes=(

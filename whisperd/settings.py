@@ -5,6 +5,7 @@ from __future__ import annotations
 from whisperd import workerproto as wp
 from whisperd.config import Config
 from whisperd.estimates import MemoryEstimates
+from whisperd.fleet import WorkerLimits
 from whisperd.registry import RetryPolicy
 from whisperd.scheduling import PlanSettings
 from whisperd.store import JobRow
@@ -29,9 +30,15 @@ def plan_settings(config: Config, estimates: MemoryEstimates) -> PlanSettings:
 def job_spec(job: JobRow, config: Config) -> wp.JobSpec:
     """What a worker is told to do for one job, under the running configuration."""
     assert job.spool_path is not None  # a live job keeps its audio
-    t = config.transcribe
+    t, w = config.transcribe, config.workers
     return wp.JobSpec(
         job_id=job.id, audio_path=job.spool_path, model=job.model, model_source=config.models[job.model],
         language=job.language, task=job.task, word_timestamps=job.word_timestamps, beam_size=t.beam_size,
-        vad_filter=t.vad_filter,
+        vad_filter=t.vad_filter, filename=job.filename, max_audio_duration_s=t.max_audio_duration_s,
+        max_result_bytes=w.max_result_bytes, audio_formats=list(w.audio_formats),
     )  # fmt: skip
+
+
+def worker_limits(config: Config) -> WorkerLimits:
+    w = config.workers
+    return WorkerLimits(max_memory_bytes=w.max_memory_bytes, progress_timeout_s=w.progress_timeout_s)

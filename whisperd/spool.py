@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 from whisperd.errors import InvalidAudio, StorageFull
+from whisperd.statedir import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, narrow_mode
 
 _COPY_CHUNK_BYTES = 1024 * 1024
 
@@ -17,7 +18,12 @@ _COPY_CHUNK_BYTES = 1024 * 1024
 class Spool:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+        # Users' audio: the daemon's alone (0700, files 0600) whatever the umask; an older install's wider
+        # modes are narrowed here, once, at start.
+        self.directory.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+        narrow_mode(self.directory, PRIVATE_DIR_MODE)
+        for path in self.directory.iterdir():
+            narrow_mode(path, PRIVATE_FILE_MODE, follow_symlinks=False)
 
     def copy_from_fd(self, fd: int, max_bytes: int) -> tuple[str, int]:
         """Copy an open file into the spool and fsync it and its directory entry; blocking, so the daemon
@@ -33,7 +39,8 @@ class Spool:
         target = self.directory / f"{uuid.uuid4().hex}.audio"
         size = 0
         try:
-            with open(target, "wb") as out:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            with open(os.open(target, flags, PRIVATE_FILE_MODE), "wb") as out:
                 while chunk := os.read(fd, _COPY_CHUNK_BYTES):
                     size += len(chunk)
                     if size > max_bytes:

@@ -72,8 +72,13 @@ class EventRow(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None
 
 
+# (the job as it is now, the state it left, the event, the result if any): one transition to save
+SavedTransition = tuple[JobRow, JobState, JobEvent, Transcript | None]
+
+
 class Store(Protocol):
-    """Durable jobs, their results and their history. Every method commits before it returns."""
+    """Durable jobs, their results and their history. Every method commits before it returns. A write the
+    backend cannot make raises a StorageError (StorageFull, StorageBusy) and leaves nothing changed."""
 
     def insert_jobs(self, new_jobs: Sequence[NewJob], now: float) -> list[JobRow]:
         """All of a submit's jobs in one transaction: either every file is queued or none."""
@@ -83,6 +88,10 @@ class Store(Protocol):
         self, job: JobRow, from_state: JobState, event: JobEvent, transcript: Transcript | None = None
     ) -> None:
         """The job's new state, its history row and any result, in one commit."""
+        ...
+
+    def save_transitions(self, transitions: Sequence[SavedTransition]) -> None:
+        """Many transitions in one commit (a cancel of many jobs, the requeue at start-up): all or none."""
         ...
 
     def get(self, job_id: int) -> JobRow | None: ...

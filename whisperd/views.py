@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from whisperd.fleet import Fleet
 from whisperd.gpupool import DevicePool
 from whisperd.jobs import JobState
-from whisperd.protocol import DeviceView, StatsView, WorkerView
+from whisperd.protocol import DeviceView, StatsView, UserStatsView, WorkerView
 from whisperd.registry import JobRegistry
 from whisperd.telemetry import Telemetry
 
@@ -55,4 +55,20 @@ class Views:
             audio_seconds_total=self._telemetry.audio_seconds_total,
             processing_seconds_total=self._telemetry.processing_seconds_total,
             realtime_factor=self._telemetry.realtime_factor(),
+            users=self.users(),
         )
+
+    def users(self) -> list[UserStatsView]:
+        """Each user's share, by uid (names are the client's to resolve: the daemon's view of the user
+        database may differ from the caller's)."""
+        return [
+            UserStatsView(
+                uid=uid,
+                queued_jobs=f.waiting_jobs,
+                running_jobs=f.running_jobs,
+                finished_jobs=f.finished_jobs,
+                spool_bytes=f.spool_bytes,
+                audio_seconds=f.audio_seconds,
+            )
+            for uid, f in self._registry.users().items()
+        ]

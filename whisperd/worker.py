@@ -7,9 +7,11 @@ from __future__ import annotations
 import argparse
 import ctypes
 import logging
+import math
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -19,8 +21,10 @@ from typing import Any, BinaryIO, Protocol
 
 import msgspec
 
+from whisperd import sandbox
 from whisperd import workerproto as wp
-from whisperd.protocol import Segment, Transcript
+from whisperd.audiodecode import AudioRefused
+from whisperd.protocol import Segment, Transcript, Word
 
 log = logging.getLogger("whisperd.worker")
 _PR_SET_PDEATHSIG = 1
@@ -37,13 +41,70 @@ class Transcriber(Protocol):
         """A model ready to transcribe with; source is a name, a directory or 'bundled:...'."""
         ...
 
-    def decode_audio(self, path: str) -> Sized:
-        """The audio's samples; raises on a file that does not decode."""
+    def decode_audio(self, audio: BinaryIO, spec: wp.JobSpec) -> Sized:
+        """The audio's samples; raises AudioRefused (or anything else) on a file that does not decode."""
         ...
 
     def transcribe(self, model: Any, audio: Any, spec: wp.JobSpec) -> tuple[Iterable[Segment], AudioInfo]:
         """Segments as they are decoded (lazily: the worker checks for a cancel between them)."""
         ...
+
+
+class AudioSource(Protocol):
+    def open(self, batch_id: int, spec: wp.JobSpec) -> BinaryIO:
+        """The job's audio, open for reading; raises OSError when it cannot be had."""
+        ...
+
+    def drain(self) -> None:
+        """The batch is over: let go of the audio of its jobs that were never opened."""
+        ...
+
+
+class PathAudio:
+    """Opens the job's audio by its path (a worker run without the daemon's descriptors)."""
+
+    def open(self, batch_id: int, spec: wp.JobSpec) -> BinaryIO:
+        return open(spec.audio_path, "rb")  # the caller closes it
+
+    def drain(self) -> None:
+        pass
+
+
+class AudioInbox:
+    """The jobs' audio as descriptors the daemon opened and sent over a socket, one message per job of a
+    batch, in order, before the batch itself: a sandboxed worker cannot open the spool, and needs not."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._sock.setblocking(False)  # every message of a batch is there before the batch is
+
+    def _next(self) -> tuple[int, int, int | None] | None:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self._sock, wp.AUDIO_MESSAGE.size, 1)
+        except BlockingIOError:
+            return None
+        if len(data) != wp.AUDIO_MESSAGE.size:
+            for fd in fds:
+                os.close(fd)
+            return None
+        batch_id, job_id = wp.AUDIO_MESSAGE.unpack(data)
+        return batch_id, job_id, fds[0] if fds else None
+
+    def open(self, batch_id: int, spec: wp.JobSpec) -> BinaryIO:
+        while (message := self._next()) is not None:
+            got_batch, got_job, fd = message
+            if (got_batch, got_job) == (batch_id, spec.job_id):
+                if fd is None:
+                    raise FileNotFoundError("the audio is no longer in the spool")
+                return os.fdopen(fd, "rb")
+            if fd is not None:  # a job of the batch that was skipped (cancelled, stopped)
+                os.close(fd)
+        raise FileNotFoundError("the daemon passed no audio for this job")
+
+    def drain(self) -> None:
+        while (message := self._next()) is not None:
+            if message[2] is not None:
+                os.close(message[2])
 
 
 class WorkerArgs(msgspec.Struct, frozen=True, kw_only=True):
@@ -52,6 +113,11 @@ class WorkerArgs(msgspec.Struct, frozen=True, kw_only=True):
     cpu_threads: int
     max_models: int
     preload: str | None  # NAME=SOURCE
+    audio_fd: int | None = None  # the socket the daemon sends the jobs' audio descriptors on
+    sandbox: bool = False
+    sandbox_read: tuple[str, ...] = ()  # model directories and paths the config names
+    sandbox_write: tuple[str, ...] = ()  # none in service; tests' scripted workers keep markers
+    model_sources: tuple[str, ...] = ()  # what [models] names: directories are read, other names fetched
 
 
 class JobCancelled(Exception):
@@ -63,18 +129,24 @@ def classify(exc: BaseException) -> wp.FailureKind:
 
 
 class Worker:
-    def __init__(self, out: BinaryIO, transcriber: Transcriber, max_models: int) -> None:
+    def __init__(
+        self, out: BinaryIO, transcriber: Transcriber, max_models: int, audio: AudioSource | None = None
+    ) -> None:
         self._out = out
         self._out_lock = threading.Lock()
         self._transcriber = transcriber
+        self._audio = audio or PathAudio()
         self._max_models = max_models
         self._models: OrderedDict[str, tuple[str, Any]] = OrderedDict()  # name -> (source, model)
         self._cancelled: set[int] = set()
         self._batches: queue.Queue[wp.RunBatch | None] = queue.Queue()
 
     def send(self, message: wp.FromWorker) -> None:
+        self._send_line(wp.encode(message))
+
+    def _send_line(self, line: bytes) -> None:
         with self._out_lock:
-            self._out.write(wp.encode(message))
+            self._out.write(line)
             self._out.flush()
 
     def read_commands(self, stream: Iterable[bytes]) -> None:
@@ -103,7 +175,8 @@ class Worker:
                     self._cancelled.discard(spec.job_id)
                     self.send(wp.Stopped(job_id=spec.job_id, reason="batch_stopped"))
                 else:
-                    out_of_memory = self.run_job(spec) == "oom"
+                    out_of_memory = self.run_job(spec, batch.batch_id) == "oom"
+            self._audio.drain()
             self.send(wp.BatchDone(batch_id=batch.batch_id, models=list(self._models)))
 
     def model(self, name: str, source: str) -> Any:
@@ -120,27 +193,44 @@ class Worker:
         self._models[name] = (source, model)
         return model
 
-    def run_job(self, spec: wp.JobSpec) -> wp.FailureKind | None:
+    def run_job(self, spec: wp.JobSpec, batch_id: int = 0) -> wp.FailureKind | None:
         """Run one job and report it; returns how it failed, if it did."""
         if spec.job_id in self._cancelled:
             self._cancelled.discard(spec.job_id)
             self.send(wp.Stopped(job_id=spec.job_id, reason="cancelled"))
             return None
-        kind = self._attempt(spec)
+        kind = self._attempt(spec, batch_id)
         self._cancelled.discard(spec.job_id)  # a late cancel must not poison the job's next run here
         return kind
 
-    def _attempt(self, spec: wp.JobSpec) -> wp.FailureKind | None:
+    def _fatal(self, spec: wp.JobSpec, what: str) -> wp.FailureKind:
+        """Failures name the file as its user submitted it, never the spool path."""
+        name = spec.filename or "the audio"
+        if spec.audio_path:
+            what = what.replace(spec.audio_path, name)
+        self.send(wp.Failed(job_id=spec.job_id, kind="fatal", error=f"{name}: {what}"))
+        return "fatal"
+
+    def _decode(self, spec: wp.JobSpec, batch_id: int) -> Sized | str:
+        """The samples, or what is wrong with the audio."""
+        try:
+            with self._audio.open(batch_id, spec) as file:
+                return self._transcriber.decode_audio(file, spec)
+        except AudioRefused as exc:
+            return str(exc)
+        except OSError as exc:
+            return f"the audio cannot be read ({exc.strerror or exc})"
+        except Exception as exc:  # the decoder raises many types; none of them a retry can fix
+            return f"it is not audio whisperd can decode ({exc or type(exc).__name__})"
+
+    def _attempt(self, spec: wp.JobSpec, batch_id: int) -> wp.FailureKind | None:
         self.send(wp.Started(job_id=spec.job_id))
         started = time.monotonic()
-        try:
-            audio = self._transcriber.decode_audio(spec.audio_path)
-        except Exception as exc:  # the decoder raises many types; none of them a retry can fix
-            self.send(wp.Failed(job_id=spec.job_id, kind="fatal", error=f"audio does not decode: {exc}"))
-            return "fatal"
+        audio = self._decode(spec, batch_id)
+        if isinstance(audio, str):
+            return self._fatal(spec, audio)
         if len(audio) == 0:
-            self.send(wp.Failed(job_id=spec.job_id, kind="fatal", error="the audio holds no samples"))
-            return "fatal"
+            return self._fatal(spec, "it holds no audio samples")
         try:
             model = self.model(spec.model, spec.model_source)
         except Exception as exc:
@@ -159,26 +249,53 @@ class Worker:
             self.send(wp.Failed(job_id=spec.job_id, kind=failure, error=str(exc) or type(exc).__name__))
             return failure
         processing_s = time.monotonic() - started
-        self.send(wp.Finished(job_id=spec.job_id, transcript=transcript, processing_s=processing_s))
+        line = wp.encode(wp.Finished(job_id=spec.job_id, transcript=transcript, processing_s=processing_s))
+        if spec.max_result_bytes and len(line) > spec.max_result_bytes:
+            # Over the daemon's line limit it would be lost with the worker; a retry makes the same one.
+            size_mib, limit_mib = len(line) / 1024**2, spec.max_result_bytes / 1024**2
+            what = f"its transcript takes {size_mib:.1f} MiB, more than the limit of {limit_mib:.1f} MiB"
+            return self._fatal(spec, what + " (workers.max_result_bytes)")
+        self._send_line(line)
         return None
 
     def _transcribe(self, model: Any, audio: Any, spec: wp.JobSpec) -> Transcript:
         segments_iter, info = self._transcriber.transcribe(model, audio, spec)
         segments: list[Segment] = []
-        for segment in segments_iter:  # each step decodes one window; cancel is checked between them
+        duration_s = _finite(info.duration_s, 0.0)
+        for raw in segments_iter:  # each step decodes one window; cancel is checked between them
             if spec.job_id in self._cancelled:
                 raise JobCancelled
+            segment = finite_segment(raw, segments[-1].end if segments else 0.0)
             segments.append(segment)
-            duration_s = info.duration_s
             progress = min(99.9, 100.0 * segment.end / duration_s) if duration_s > 0 else 0.0
+            progress = max(0.0, progress)
             self.send(wp.Progress(job_id=spec.job_id, progress=progress, audio_duration_s=duration_s))
         return Transcript(
             language=info.language,
-            language_probability=info.language_probability,
-            duration_s=info.duration_s,
+            language_probability=_finite(info.language_probability, 0.0),
+            duration_s=duration_s,
             text="".join(s.text for s in segments).strip(),
             segments=segments,
         )
+
+
+def _finite(value: float, default: float) -> float:
+    return value if math.isfinite(value) else default
+
+
+def finite_segment(segment: Segment, previous_end: float) -> Segment:
+    """JSON has no NaN or infinity (msgspec writes null, which the daemon cannot read back as a float): a
+    time that is not finite takes the one before it, a probability 0."""
+    start = _finite(segment.start, previous_end)
+    end = _finite(segment.end, start)
+    words = None
+    if segment.words is not None:
+        words, last = [], start
+        for w in segment.words:
+            w_start = _finite(w.start, last)
+            last = _finite(w.end, w_start)
+            words.append(Word(start=w_start, end=last, word=w.word, probability=_finite(w.probability, 0.0)))
+    return Segment(id=segment.id, start=start, end=end, text=segment.text, words=words)
 
 
 def die_with_parent() -> None:
@@ -197,9 +314,28 @@ def parse_args(argv: list[str] | None) -> WorkerArgs:
     parser.add_argument("--cpu-threads", type=int, default=1)
     parser.add_argument("--max-models", type=int, default=2)
     parser.add_argument("--preload", metavar="NAME=SOURCE", help="load this model before reporting ready")
+    parser.add_argument("--audio-fd", type=int, help="socket on which the daemon sends the audio descriptors")
+    parser.add_argument("--sandbox", action="store_true", help="confine the worker (sandbox.py)")
+    parser.add_argument("--sandbox-read", action="append", default=[], metavar="PATH")
+    parser.add_argument("--sandbox-write", action="append", default=[], metavar="PATH")
+    parser.add_argument("--model-source", action="append", default=[], metavar="SOURCE")
     a = parser.parse_args(argv)
     return WorkerArgs(device=a.device, compute_type=a.compute_type, cpu_threads=a.cpu_threads,
-                      max_models=a.max_models, preload=a.preload)  # fmt: skip
+                      max_models=a.max_models, preload=a.preload, audio_fd=a.audio_fd, sandbox=a.sandbox,
+                      sandbox_read=tuple(a.sandbox_read), sandbox_write=tuple(a.sandbox_write),
+                      model_sources=tuple(a.model_source))  # fmt: skip
+
+
+def confine(args: WorkerArgs) -> None:
+    """Sandbox the worker while it has one thread (see sandbox.py): model directories readable, the
+    Hugging Face cache writable and HTTPS open only if some model is fetched by name."""
+    sources = [s for s in args.model_sources if not s.startswith("bundled:")]
+    model_dirs = [s for s in sources if os.path.isdir(s)]
+    downloads = len(model_dirs) < len(sources)
+    rules = sandbox.worker_rules(model_dirs, args.sandbox_read, args.sandbox_write, downloads)
+    if threading.active_count() > 1 or len(os.listdir("/proc/self/task")) > 1:
+        log.warning("sandboxing a worker that already runs several threads: only this one is confined")
+    log.info("worker sandbox: %s", "; ".join(sandbox.confine(rules)))
 
 
 def run_worker(argv: list[str] | None, make_transcriber: Callable[[WorkerArgs], Transcriber]) -> None:
@@ -210,7 +346,12 @@ def run_worker(argv: list[str] | None, make_transcriber: Callable[[WorkerArgs], 
     protocol_out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     logging.basicConfig(level=logging.INFO, format="worker[%(process)d] %(levelname)s %(message)s")
-    worker = Worker(protocol_out, make_transcriber(args), args.max_models)
+    if args.sandbox:
+        confine(args)
+    audio: AudioSource | None = None
+    if args.audio_fd is not None:
+        audio = AudioInbox(socket.socket(fileno=args.audio_fd))
+    worker = Worker(protocol_out, make_transcriber(args), args.max_models, audio)
     if args.preload:
         name, _, source = args.preload.partition("=")
         worker.preload(name, source)

@@ -4,10 +4,11 @@ imports faster_whisper. Started by the daemon as `python -m whisperd.worker_main
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
+from whisperd import audiodecode
 from whisperd import workerproto as wp
-from whisperd.config import BUNDLED_MODEL
+from whisperd.config import AUDIO_FORMATS, BUNDLED_MODEL
 from whisperd.protocol import Segment, Word
 from whisperd.worker import AudioInfo, WorkerArgs, run_worker
 
@@ -37,10 +38,11 @@ class FasterWhisper:
             num_workers=1,
         )
 
-    def decode_audio(self, path: str) -> Any:
-        from faster_whisper import decode_audio
-
-        return decode_audio(path)
+    def decode_audio(self, audio: BinaryIO, spec: wp.JobSpec) -> Any:
+        """Our own decoding, not faster_whisper.decode_audio: that one decodes the whole file into memory
+        with every FFmpeg demuxer and protocol enabled (audiodecode.py)."""
+        formats = spec.audio_formats or list(AUDIO_FORMATS)
+        return audiodecode.decode(audio, spec.max_audio_duration_s, formats)
 
     def transcribe(self, model: Any, audio: Any, spec: wp.JobSpec) -> tuple[Iterable[Segment], AudioInfo]:
         segments, info = model.transcribe(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from typing import Literal
 
 import msgspec
@@ -19,9 +20,17 @@ class JobSpec(msgspec.Struct, kw_only=True):
     word_timestamps: bool
     beam_size: int
     vad_filter: bool
+    filename: str = ""  # as its user submitted it: what error messages name (never the spool path)
+    max_audio_duration_s: float = 0.0  # 0: no limit
+    max_result_bytes: int = 0  # the encoded Finished line; 0: no limit
+    audio_formats: list[str] = []  # FFmpeg demuxers allowed to parse the audio; empty: the built-in list
 
 
 # daemon -> worker
+
+# On the worker's audio socket, one message per job of a batch, sent before the batch: (batch id, job id),
+# with the job's audio attached as a descriptor (SCM_RIGHTS), or none if the daemon could not open it.
+AUDIO_MESSAGE = struct.Struct("<qq")
 
 
 class RunBatch(msgspec.Struct, tag="run_batch", kw_only=True):

@@ -23,16 +23,32 @@ def worker_argv(
     return argv
 
 
+def sandbox_argv(config: Config) -> tuple[str, ...]:
+    """What the worker's sandbox lets through beyond Python and the system: the models the config names (a
+    directory is readable; a name fetched from the hub opens HTTPS and the hub cache) and the paths added."""
+    w = config.workers
+    if not w.sandbox:
+        return ()
+    argv: tuple[str, ...] = ("--sandbox",)
+    for path in w.sandbox_read_paths:
+        argv += ("--sandbox-read", path)
+    for source in sorted(set(config.models.values())):
+        argv += ("--model-source", source)
+    return argv
+
+
 def worker_specs(config: Config, gpus: list[GpuReading], cpu_count: int) -> list[WorkerSpec]:
     """One worker per GPU slot, pinned with CUDA_VISIBLE_DEVICES (by UUID, which no enumeration order can
     confuse); CPU workers as configured, or one per core when no GPU worker runs."""
     w, g = config.workers, config.gpu
     default = config.transcribe.default_model
     preload = (default, config.models[default])
+    confined = sandbox_argv(config)
     specs: list[WorkerSpec] = []
     if g.enabled:
         compute = g.compute_type if g.worker_device == "cuda" else w.cpu_compute_type
         argv = worker_argv(g.worker_device, compute, w.cpu_threads, w.max_models_per_worker, preload)
+        argv += confined
         for gpu in gpus:
             if gpu.index in g.exclude:
                 continue
@@ -47,7 +63,7 @@ def worker_specs(config: Config, gpus: list[GpuReading], cpu_count: int) -> list
     cpu_workers = w.cpu_workers
     if cpu_workers < 0:
         cpu_workers = 0 if specs else cpu_count
-    argv = worker_argv("cpu", w.cpu_compute_type, w.cpu_threads, w.max_models_per_worker, preload)
+    argv = worker_argv("cpu", w.cpu_compute_type, w.cpu_threads, w.max_models_per_worker, preload) + confined
     env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(w.cpu_threads)}
     specs += [WorkerSpec(id=f"cpu{i}", device=CPU, argv=argv, env=env) for i in range(cpu_workers)]
     return specs

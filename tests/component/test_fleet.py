@@ -13,7 +13,7 @@ import msgspec
 
 from tests.support.inprocess import GIB, FakeClock, fake_worker_spawner, reading, until
 from whisperd import workerproto as wp
-from whisperd.fleet import Fleet
+from whisperd.fleet import Fleet, WorkerLimits
 from whisperd.gpupool import DevicePool
 from whisperd.supervisor import Spawner, WorkerSpec
 from whisperd.workerspecs import worker_argv
@@ -60,20 +60,23 @@ class Rig:
         self.events = RecordingEvents()
         self.clock = FakeClock()
         self.wakes = 0
+        self.limits = WorkerLimits()  # what a test sets applies at the next check, as after a reload
         self.fleet = Fleet(
             self.pool, self.events, self._wake, self.clock, spawner or fake_worker_spawner(tmp_path / "fw"),
             cancel_grace_s=GRACE_S, restart_backoff_s=0.05, restart_backoff_max_s=0.1,
+            limits=lambda: self.limits, check_interval_s=0.05,
         )  # fmt: skip
 
     def _wake(self) -> None:
         self.wakes += 1
 
-    def job(self, job_id: int, script: str) -> wp.JobSpec:
+    def job(self, job_id: int, script: str, max_result_bytes: int = 0) -> wp.JobSpec:
         audio = self.tmp_path / f"audio-{job_id}"
         audio.write_text(script)
         return wp.JobSpec(
             job_id=job_id, audio_path=str(audio), model="tiny.en", model_source="bundled:tiny.en",
             language=None, task="transcribe", word_timestamps=False, beam_size=5, vad_filter=False,
+            max_result_bytes=max_result_bytes,
         )  # fmt: skip
 
     def state(self, worker_id: str) -> str:
@@ -347,6 +350,105 @@ def test_abandon_device_kills_the_busy_workers_on_that_device_only(tmp_path: Pat
         assert views["gpu0"].restarts == 1
 
     scenario(tmp_path, body, pool)
+
+
+# ---- kills the job is to blame for ------------------------------------------------------------------------
+
+
+def test_a_worker_killed_for_its_job_blames_the_job_it_was_running(tmp_path: Path) -> None:
+    async def body(rig: Rig) -> None:
+        await started(rig)
+        rig.fleet.dispatch("cpu0", [rig.job(1, "segments=50 segment_s=0.1"), rig.job(2, "segments=1")], 0)
+        await until(lambda: rig.events.got(1, wp.Started), 10)
+        rig.fleet.kill_for_job("cpu0", "it did something bad")
+        await until(lambda: bool(rig.events.interrupted), 10)
+        assert rig.events.interrupted == [Interrupted("cpu0", [1, 2], 1, "it did something bad")]
+        await until(lambda: rig.fleet.any_idle(), 10)
+        rig.fleet.kill_for_job("cpu0", "idle")  # no job to blame: nobody is
+        await until(lambda: rig.fleet.any_idle() and next(v.restarts for v in rig.fleet.views()) == 2, 10)
+        assert len(rig.events.interrupted) == 1
+
+    scenario(tmp_path, body)
+
+
+def test_a_job_silent_past_the_progress_timeout_has_its_worker_killed_and_is_blamed(tmp_path: Path) -> None:
+    async def body(rig: Rig) -> None:
+        await started(rig)
+        pid = rig.pid("cpu0")
+        rig.limits = WorkerLimits(progress_timeout_s=60)
+        rig.fleet.dispatch("cpu0", [rig.job(1, "segments=2 segment_s=30"), rig.job(2, "segments=1")], 0)
+        await until(lambda: rig.events.got(1, wp.Started), 10)
+        rig.clock.advance(59)  # the fake clock: the worker's real time is not what counts
+        rig.fleet.enforce_limits()
+        await asyncio.sleep(0.2)
+        assert rig.events.interrupted == [] and rig.pid("cpu0") == pid
+        rig.clock.advance(2)
+        await until(lambda: bool(rig.events.interrupted), 10)
+        (interrupted,) = rig.events.interrupted
+        assert (interrupted.unfinished, interrupted.culprit) == ([1, 2], 1)
+        assert "progress_timeout_s" in interrupted.error
+        await until(lambda: rig.fleet.any_idle(), 10)
+
+    scenario(tmp_path, body)
+
+
+def test_a_busy_worker_over_the_memory_cap_is_killed_and_its_job_blamed(tmp_path: Path) -> None:
+    async def body(rig: Rig) -> None:
+        await started(rig)
+        rig.limits = WorkerLimits(max_memory_bytes=150 * 1024**2)
+        await asyncio.sleep(0.3)
+        assert rig.events.interrupted == [] and next(v.restarts for v in rig.fleet.views()) == 0, (
+            "an idle worker under the cap is left alone"
+        )
+        rig.fleet.dispatch("cpu0", [rig.job(1, "hog=400000000 segments=1 segment_s=30")], 0)
+        await until(lambda: bool(rig.events.interrupted), 15)
+        (interrupted,) = rig.events.interrupted
+        assert (interrupted.unfinished, interrupted.culprit) == ([1], 1)
+        assert "max_memory_bytes" in interrupted.error
+        await until(lambda: rig.fleet.any_idle(), 10)
+
+    scenario(tmp_path, body)
+
+
+def test_a_reply_over_the_line_limit_blames_its_job_and_the_worker_serves_again(tmp_path: Path) -> None:
+    """70 MB of transcript on one line, past the daemon's 64 MiB: the reader survives, the worker restarts."""
+
+    async def body(rig: Rig) -> None:
+        await started(rig)
+        rig.fleet.dispatch("cpu0", [rig.job(1, "huge=70000000"), rig.job(2, "segments=1")], 0)
+        await until(lambda: bool(rig.events.interrupted), 15)
+        (interrupted,) = rig.events.interrupted
+        assert (interrupted.unfinished, interrupted.culprit) == ([1, 2], 1)
+        await until(lambda: rig.fleet.any_idle(), 10)
+        rig.fleet.dispatch("cpu0", [rig.job(3, "segments=1")], 0)
+        await until(lambda: rig.events.got(3, wp.Finished), 10)
+
+    scenario(tmp_path, body)
+
+
+def test_a_worker_fails_a_result_over_max_result_bytes_itself(tmp_path: Path) -> None:
+    async def body(rig: Rig) -> None:
+        await started(rig)
+        pid = rig.pid("cpu0")
+        rig.fleet.dispatch("cpu0", [rig.job(1, "huge=5000", 4096), rig.job(2, "segments=1", 4096)], 0)
+        await until(lambda: rig.events.got(2, wp.Finished), 10)
+        (failed,) = [m for _, _, m in rig.events.messages if isinstance(m, wp.Failed)]
+        assert (failed.job_id, failed.kind) == (1, "fatal")
+        assert rig.events.interrupted == [] and rig.pid("cpu0") == pid
+
+    scenario(tmp_path, body)
+
+
+def test_an_undecodable_reply_blames_the_running_job_instead_of_leaving_it_running(tmp_path: Path) -> None:
+    async def body(rig: Rig) -> None:
+        await started(rig)
+        rig.fleet.dispatch("cpu0", [rig.job(1, "garble segments=3 segment_s=0.5")], 0)
+        await until(lambda: bool(rig.events.interrupted), 10)
+        (interrupted,) = rig.events.interrupted
+        assert (interrupted.unfinished, interrupted.culprit) == ([1], 1)
+        await until(lambda: rig.fleet.any_idle(), 10)
+
+    scenario(tmp_path, body)
 
 
 def pool_is_empty(rig: Rig) -> bool:

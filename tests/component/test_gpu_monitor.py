@@ -4,6 +4,8 @@ workers abandoned once (and again only after it came back and was lost anew), an
 from __future__ import annotations
 
 import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
@@ -12,6 +14,7 @@ from tests.support.inprocess import FakeProbe, reading
 from whisperd.gpupool import CPU, DevicePool
 from whisperd.monitors import Monitors
 from whisperd.protocol import DeviceSnapshot, DeviceView, StatsView, SystemSnapshot, WorkerView
+from whisperd.threads import DaemonThreadPool
 
 GIB = 1024**3
 
@@ -35,7 +38,10 @@ def monitors(probe: FakeProbe, pool: DevicePool) -> tuple[Monitors, list[str], l
     abandoned: list[str] = []
     published: list[msgspec.Struct] = []
     views: Any = FixedViews(pool)
-    return Monitors(probe, pool, views, abandoned.append, published.append), abandoned, published
+    monitor = Monitors(
+        probe, pool, views, abandoned.append, published.append, nvml=DaemonThreadPool(1, "nvml")
+    )
+    return monitor, abandoned, published
 
 
 def test_readings_reach_the_pool_and_a_lost_gpu_is_abandoned_once_per_loss() -> None:
@@ -86,3 +92,27 @@ def test_the_performance_monitor_publishes_a_system_snapshot() -> None:
     [snapshot] = published
     assert isinstance(snapshot, SystemSnapshot)
     assert snapshot.stats.workers[0].jobs == [7]
+
+
+def test_nvml_is_read_on_its_own_thread_when_the_default_pool_is_stuck() -> None:
+    """Threads of the loop's default pool stuck in reads that never return do not stop the GPU monitor."""
+    probe = FakeProbe([reading(0)])
+    pool = DevicePool()
+    pool.configure(cpu=False, readings=probe.read())
+    monitor, _, published = monitors(probe, pool)
+    release = threading.Event()
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=2))
+        stuck = [asyncio.create_task(asyncio.to_thread(release.wait, 60)) for _ in range(2)]
+        try:
+            probe.readings = [reading(0, used=30 * GIB)]
+            await asyncio.wait_for(monitor.gpu_status(), 10)
+        finally:
+            release.set()
+            await asyncio.gather(*stuck)
+
+    asyncio.run(scenario())
+    assert pool.device_status()["cuda:0"].available_memory_bytes == 50 * GIB
+    assert isinstance(published[-1], DeviceSnapshot)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,12 +14,14 @@ from typing import cast
 
 import pytest
 
-from tests.support.inprocess import FakeClock
+from tests.support.inprocess import GIB, FakeClock, FakeProbe, reading, until
 from whisperd import __version__
 from whisperd import protocol as p
 from whisperd.config import Config, DaemonConfig
 from whisperd.errors import (
     BadRequest,
+    Busy,
+    InvalidAudio,
     NotFound,
     NotReady,
     PermissionDenied,
@@ -28,13 +31,17 @@ from whisperd.errors import (
     WhisperdError,
 )
 from whisperd.fleet import Fleet
+from whisperd.gpupool import DevicePool
 from whisperd.handlers import Caller, Handlers
 from whisperd.jobs import JobEvent, JobState
+from whisperd.monitors import Monitors
 from whisperd.protocol import Segment, Transcript
 from whisperd.registry import JobRegistry, RetryPolicy
 from whisperd.spool import Spool
+from whisperd.spooling import Spooler
 from whisperd.sqlite_store import SqliteStore
 from whisperd.store import NewJob
+from whisperd.threads import DaemonThreadPool
 from whisperd.views import Views
 
 S = JobState
@@ -168,7 +175,7 @@ def test_submit_by_descriptor_queues_a_pending_job_owned_by_the_caller(parts: Pa
     first, second = parts.audio(b"first audio"), parts.audio(b"second audio")
     request = p.Submit(
         files=[p.SubmitFile(name="b.wav", fd_index=1), p.SubmitFile(name="a.wav", fd_index=0)],
-        language="en", priority=5, word_timestamps=True,
+        language="en", priority=-5, word_timestamps=True,  # above 0 is for privileged callers
     )  # fmt: skip
     reply = call(parts.handlers.handle(request, USER, [first, second]))
     assert isinstance(reply, p.Jobs) and reply.errors == []
@@ -176,7 +183,7 @@ def test_submit_by_descriptor_queues_a_pending_job_owned_by_the_caller(parts: Pa
         ("b.wav", S.PENDING, USER.uid, "tiny.en"),
         ("a.wav", S.PENDING, USER.uid, "tiny.en"),
     ]
-    assert all((j.language, j.priority, j.word_timestamps) == ("en", 5, True) for j in reply.jobs)
+    assert all((j.language, j.priority, j.word_timestamps) == ("en", -5, True) for j in reply.jobs)
     rows = [parts.registry.get(j.id) for j in reply.jobs]
     assert [Path(r.spool_path or "").read_bytes() for r in rows] == [b"second audio", b"first audio"]
     assert all(Path(r.spool_path or "").parent == parts.spool.directory for r in rows)
@@ -438,3 +445,121 @@ def test_status_by_ids_state_and_limit(parts: Parts) -> None:
     with pytest.raises(NotFound) as info:
         status(ids=[views[0].id, 9999])
     assert "9999" in info.value.message
+
+
+# ---- spooling: reads that never return ---------------------------------------------------------------
+
+
+class StuckSpool(Spool):
+    """A file system that hangs: reading audio that starts with b"stuck" blocks until the test releases it
+    (bounded, so that a failing test never hangs)."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.release = threading.Event()
+
+    def copy_from_fd(self, fd: int, max_bytes: int) -> tuple[str, int]:
+        if os.pread(fd, 5, 0) == b"stuck":
+            self.release.wait(60)
+        return super().copy_from_fd(fd, max_bytes)
+
+
+def stuck_handlers(parts: Parts, threads: int) -> tuple[Handlers, Spooler, StuckSpool]:
+    spool = StuckSpool(parts.spool.directory)
+    spooler = Spooler(spool, DaemonThreadPool(threads, "spool"))
+    handlers = Handlers(
+        parts.registry, spool, cast(Fleet, parts.fleet), cast(Views, FakeViews()),
+        config=lambda: parts.config, is_draining=lambda: False, wake=lambda: None, daemon_uid=DAEMON_UID,
+        spooler=spooler,
+    )  # fmt: skip
+    return handlers, spooler, spool
+
+
+def one_file(parts: Parts, handlers: Handlers, caller: Caller, data: bytes) -> asyncio.Task[p.Reply]:
+    request = p.Submit(files=[p.SubmitFile(name="talk.wav", fd_index=0)])
+    return asyncio.create_task(handlers.submit(request, caller, [parts.audio(data)]))
+
+
+def test_reads_that_never_return_hold_only_their_user_s_spool_threads(parts: Parts) -> None:
+    """Eight submits of one user whose reads hang (more than the loop's default pool has threads): two hold
+    spool threads, the rest are refused at once; another user's submit and the GPU monitor's NVML reading
+    go on meanwhile."""
+    parts.config = Config(daemon=DaemonConfig(max_spools_per_user=2, spool_timeout_s=60.0))
+    handlers, spooler, spool = stuck_handlers(parts, threads=4)
+    probe = FakeProbe([reading(0)])
+    pool = DevicePool()
+    pool.configure(cpu=False, readings=probe.read())
+    monitor = Monitors(
+        probe, pool, cast(Views, FakeViews()), lambda name: None, lambda event: None,
+        nvml=DaemonThreadPool(1, "nvml"),
+    )  # fmt: skip
+
+    async def scenario() -> None:
+        stuck = [one_file(parts, handlers, USER, b"stuck audio") for _ in range(8)]
+        try:
+            await until(lambda: sum(t.done() for t in stuck) == 6, timeout_s=10)
+            refused = [t.exception() for t in stuck if t.done()]
+            assert all(isinstance(e, Busy) and e.code == "busy" for e in refused), refused
+            assert spooler.in_progress(USER.uid) == 2
+
+            async with asyncio.timeout(10):
+                reply = await one_file(parts, handlers, OTHER_USER, b"other audio")
+                probe.readings = [reading(0, used=30 * GIB)]
+                await monitor.gpu_status()
+            assert isinstance(reply, p.Jobs) and [j.owner_uid for j in reply.jobs] == [OTHER_USER.uid]
+            assert pool.device_status()["cuda:0"].available_memory_bytes == 50 * GIB
+        finally:
+            spool.release.set()
+        held = [t for t in stuck if not t.done()]
+        replies = await asyncio.wait_for(asyncio.gather(*held), 10)
+        assert all(isinstance(r, p.Jobs) for r in replies), "released, the two held copies finish"
+        await until(lambda: spooler.in_progress(USER.uid) == 0, timeout_s=10)
+
+    asyncio.run(scenario())
+    assert sorted(j.owner_uid for j in parts.registry.live()) == [USER.uid, USER.uid, OTHER_USER.uid]
+
+
+def test_the_deadline_answers_a_caller_whose_read_hangs_and_its_thread_still_counts(parts: Parts) -> None:
+    parts.config = Config(daemon=DaemonConfig(max_spools_per_user=1, spool_timeout_s=0.3))
+    handlers, spooler, spool = stuck_handlers(parts, threads=2)
+
+    async def scenario() -> None:
+        try:
+            with pytest.raises(InvalidAudio) as info:
+                await asyncio.wait_for(one_file(parts, handlers, USER, b"stuck audio"), 10)
+            assert info.value.code == "invalid_audio"
+            # Its thread still reads (it cannot be interrupted): it still counts against its user.
+            assert spooler.in_progress(USER.uid) == 1
+            with pytest.raises(Busy):
+                await one_file(parts, handlers, USER, b"fine audio")
+        finally:
+            spool.release.set()
+        await until(lambda: spooler.in_progress(USER.uid) == 0, timeout_s=10)
+        reply = await one_file(parts, handlers, USER, b"fine audio")
+        assert isinstance(reply, p.Jobs)
+
+    asyncio.run(scenario())
+    assert [j.owner_uid for j in parts.registry.live()] == [USER.uid]
+    assert parts.spooled() == [b"fine audio"], "the copy that finished after its deadline was discarded"
+
+
+def test_a_copy_that_waits_for_a_thread_past_the_deadline_is_busy(parts: Parts) -> None:
+    parts.config = Config(daemon=DaemonConfig(max_spools_per_user=2, spool_timeout_s=0.3))
+    handlers, spooler, spool = stuck_handlers(parts, threads=1)
+
+    async def scenario() -> None:
+        held = one_file(parts, handlers, USER, b"stuck audio")
+        try:
+            await until(lambda: spooler.in_progress(USER.uid) == 1, timeout_s=10)
+            with pytest.raises(Busy) as info:
+                await asyncio.wait_for(one_file(parts, handlers, OTHER_USER, b"other audio"), 10)
+            assert info.value.code == "busy"
+            assert spooler.in_progress(OTHER_USER.uid) == 0, "never started: its slot is free at once"
+        finally:
+            spool.release.set()
+        with pytest.raises(InvalidAudio):
+            await asyncio.wait_for(held, 10)
+        await until(lambda: spooler.in_progress(USER.uid) == 0, timeout_s=10)
+
+    asyncio.run(scenario())
+    assert parts.registry.live() == [] and parts.spooled() == []

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from tests.support.datagrams import DatagramSink
 from tests.support.journal import FakeJournal
 from tests.support.system_state import check_isolated
 from whisperctl.client import Client
+from whisperd.config import Config
 from whisperd.jobs import JobState
 from whisperd.systemd import Notifier
 
@@ -185,6 +187,53 @@ def test_systemd_analyze_security_exposure_is_low(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr
     assert "Overall exposure level for whisperd.service: 1." in result.stdout
+
+
+def unit_settings(name: str) -> dict[str, list[str]]:
+    """Every Key=value of a shipped unit file, whatever its section, in order."""
+    settings: dict[str, list[str]] = {}
+    for line in (UNITS / name).read_text().splitlines():
+        if "=" in line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def test_units_keep_the_daemons_files_private_and_socket_users_apart() -> None:
+    service, sock = unit_settings("whisperd.service"), unit_settings("whisperd.socket")
+    assert service["UMask"] == ["0077"] and service["StateDirectoryMode"] == ["0700"]
+    # the socket's group reaches the socket only, never the daemon's files (group whisperd)
+    assert sock["SocketGroup"] == ["whisperd-clients"] and service["Group"] == ["whisperd"]
+    assert sock["SocketMode"] == ["0660"]
+    assert sock["DirectoryMode"] == service["RuntimeDirectoryMode"] == ["0755"], "clients traverse the dir"
+    assert service["OOMPolicy"] == ["continue"], "the kernel killing one worker must not stop the service"
+    [start_s] = service["TimeoutStartSec"]
+    assert float(start_s) > Config().workers.start_timeout_s + 30, "READY=1 waits for the workers to start"
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("systemd-sysusers") is None or shutil.which("systemd-tmpfiles") is None,
+    reason="needs root, systemd-sysusers and systemd-tmpfiles",
+)
+def test_sysusers_and_tmpfiles_make_a_client_group_and_private_state(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    for folder, unit in (("sysusers.d", "whisperd.sysusers"), ("tmpfiles.d", "whisperd.tmpfiles")):
+        (root / "usr/lib" / folder).mkdir(parents=True)
+        shutil.copy(UNITS / unit, root / "usr/lib" / folder / "whisperd.conf")
+    (root / "etc").mkdir()
+    for command in (["systemd-sysusers"], ["systemd-tmpfiles", "--create"]):
+        result = subprocess.run([*command, f"--root={root}"], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+    passwd = {f[0]: f for f in (line.split(":") for line in (root / "etc/passwd").read_text().splitlines())}
+    group = {f[0]: f for f in (line.split(":") for line in (root / "etc/group").read_text().splitlines())}
+    assert "whisperd-clients" in group and group["whisperd-clients"][3] == "", "no member by default"
+    uid, gid = int(passwd["whisperd"][2]), int(group["whisperd"][2])
+    modes = {}
+    for path in ("var/lib/whisperd", "var/lib/whisperd/spool", "run/whisperd"):
+        st = (root / path).stat()
+        assert (st.st_uid, st.st_gid) == (uid, gid), path
+        modes[path] = stat.S_IMODE(st.st_mode)
+    assert modes == {"var/lib/whisperd": 0o700, "var/lib/whisperd/spool": 0o700, "run/whisperd": 0o755}
 
 
 def can_make_mount_namespaces() -> bool:

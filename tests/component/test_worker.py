@@ -9,19 +9,27 @@ The fake's audio path is its script, a few words:
   oom                a CUDA out-of-memory error while transcribing
   boom               some other error while transcribing
   cancel-at=K        the daemon's cancel of this job arrives while segment K (1-based) decodes
-  cancel-after-last  the cancel arrives after the last segment was decoded, before the result is sent"""
+  cancel-after-last  the cancel arrives after the last segment was decoded, before the result is sent
+  refused            the decoder refuses the audio (AudioRefused), as for one over the duration limit
+  nan                segments whose times and probabilities are NaN or infinite"""
 
 from __future__ import annotations
 
 import io
+import math
+import os
+import socket
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
 
+import msgspec
 import pytest
 
 from whisperd import workerproto as wp
-from whisperd.protocol import Segment
-from whisperd.worker import AudioInfo, Worker
+from whisperd.audiodecode import AudioRefused
+from whisperd.protocol import Segment, Word
+from whisperd.worker import AudioInbox, AudioInfo, Worker
 
 T = TypeVar("T")
 
@@ -38,10 +46,12 @@ class FakeTranscriber:
             raise self.fail_loads[source]
         return f"model:{source}"
 
-    def decode_audio(self, path: str) -> Sequence[str]:
-        words = path.split()
-        if "undecodable" in words:
-            raise ValueError("Invalid data found when processing input")
+    def decode_audio(self, audio: BinaryIO, spec: wp.JobSpec) -> Sequence[str]:
+        words = audio.read().decode().split()
+        if "undecodable" in words:  # as PyAV says it, naming the path it was given
+            raise ValueError(f"Invalid data found when processing input: '{spec.audio_path}'")
+        if "refused" in words:
+            raise AudioRefused("it lasts 10:00:00, longer than the limit of 4:00:00")
         return [] if "empty" in words else words
 
     def transcribe(self, model: Any, audio: Any, spec: wp.JobSpec) -> tuple[Iterable[Segment], AudioInfo]:
@@ -51,6 +61,11 @@ class FakeTranscriber:
         if "boom" in words:
             raise RuntimeError("something broke")
         options = dict(w.split("=", 1) for w in words if "=" in w)
+        if "nan" in words:
+            nan, inf = float("nan"), float("inf")
+            word = Word(start=nan, end=inf, word=" x", probability=nan)
+            first = Segment(id=1, start=nan, end=inf, text=" x", words=[word])
+            return iter([first, Segment(id=2, start=1.0, end=nan, text=" y")]), AudioInfo("en", nan, inf)
         count = int(options.get("segments", 2))
         cancel_at = int(options["cancel-at"]) if "cancel-at" in options else None
         cancel_after_last = "cancel-after-last" in words
@@ -84,13 +99,23 @@ def batch(batch_id: int, *jobs: wp.JobSpec) -> wp.RunBatch:
     return wp.RunBatch(batch_id=batch_id, jobs=list(jobs))
 
 
+class ScriptAudio:
+    """The job's audio_path is its script: served as the audio file's content."""
+
+    def open(self, batch_id: int, spec: wp.JobSpec) -> BinaryIO:
+        return io.BytesIO(spec.audio_path.encode())
+
+    def drain(self) -> None:
+        pass
+
+
 def run(
     *commands: wp.ToWorker, transcriber: FakeTranscriber | None = None, max_models: int = 2
 ) -> list[wp.FromWorker]:
     """Feed the commands (then the end of stdin), run the loop to its end, return what it sent."""
     transcriber = transcriber or FakeTranscriber()
     out = io.BytesIO()
-    worker = Worker(out, transcriber, max_models)
+    worker = Worker(out, transcriber, max_models, ScriptAudio())
     transcriber.worker = worker
     worker.read_commands([wp.encode(c) for c in commands])
     worker.run()
@@ -150,7 +175,7 @@ def test_batches_run_one_after_another_and_the_loop_ends_with_stdin() -> None:
 def test_a_preloaded_model_is_reported_ready_and_not_loaded_again() -> None:
     transcriber = FakeTranscriber()
     out = io.BytesIO()
-    worker = Worker(out, transcriber, 2)
+    worker = Worker(out, transcriber, 2, ScriptAudio())
     worker.preload("tiny.en", "src-tiny")
     worker.read_commands([wp.encode(batch(1, job(1)))])
     worker.run()
@@ -165,7 +190,7 @@ def test_a_preload_that_fails_leaves_the_worker_serving() -> None:
     transcriber = FakeTranscriber()
     transcriber.fail_loads["src-broken"] = OSError("no such model")
     out = io.BytesIO()
-    worker = Worker(out, transcriber, 2)
+    worker = Worker(out, transcriber, 2, ScriptAudio())
     worker.preload("tiny.en", "src-broken")
     worker.read_commands([wp.encode(batch(1, job(1, source="src-tiny")))])
     worker.run()
@@ -359,3 +384,105 @@ def test_one_model_at_a_time_when_max_models_is_one() -> None:
         max_models=1,
     )
     assert transcriber.loads == ["src-a", "src-b", "src-a"]
+
+
+# ---- what the user is told, and what the daemon can read ---------------------------------------------------
+
+
+def named(job_id: int, script: str, filename: str = "talk.mp3", **limits: Any) -> wp.JobSpec:
+    spec = job(job_id, script)
+    return msgspec.structs.replace(spec, filename=filename, **limits)
+
+
+def test_a_failure_names_the_submitted_file_and_never_the_spool_path() -> None:
+    spool = "/var/lib/whisperd/spool/0f3c.audio"
+    messages = run(batch(1, named(1, f"{spool} undecodable"), named(2, f"{spool} refused", "a b.wav")))
+    first, second = of_type(messages, wp.Failed)
+    assert (first.kind, second.kind) == ("fatal", "fatal")
+    assert first.error.startswith("talk.mp3: ") and second.error.startswith("a b.wav: ")
+    assert "spool" not in first.error and "spool" not in second.error
+
+
+def test_a_transcript_over_the_result_limit_fails_its_job_fatally_and_the_batch_goes_on() -> None:
+    big = named(1, "segments=40", max_result_bytes=1024)
+    messages = run(batch(1, big, named(2, "segments=40", max_result_bytes=1024 * 1024)))
+    assert kinds(messages) == [
+        ("Ready", None),
+        ("Started", 1), *[("Progress", 1)] * 40, ("Failed", 1),
+        ("Started", 2), *[("Progress", 2)] * 40, ("Finished", 2),
+        ("BatchDone", 1),
+    ]  # fmt: skip
+    (failed,) = of_type(messages, wp.Failed)
+    assert failed.kind == "fatal" and failed.error.startswith("talk.mp3: ")
+
+
+def test_times_and_probabilities_that_are_not_finite_are_sent_as_finite_numbers() -> None:
+    """JSON has no NaN: msgspec writes null, which the daemon could not decode as a float."""
+    messages = run(batch(1, job(1, "nan")))  # run() decodes every line as the daemon does
+    (finished,) = of_type(messages, wp.Finished)
+    t = finished.transcript
+    floats = [t.language_probability, t.duration_s]
+    for segment in t.segments:
+        floats += [segment.start, segment.end]
+        floats += [x for w in segment.words or [] for x in (w.start, w.end, w.probability)]
+    assert all(math.isfinite(x) for x in floats)
+    assert all(math.isfinite(m.progress) for m in of_type(messages, wp.Progress))
+    assert [(s.start, s.end) for s in t.segments] == [(0.0, 0.0), (1.0, 1.0)]
+
+
+# ---- audio as descriptors ----------------------------------------------------------------------------------
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_the_inbox_hands_out_each_jobs_descriptor_and_closes_those_never_opened(tmp_path: Path) -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    before = open_fds()
+    for job_id, content in ((1, b"one"), (2, None), (3, b"three"), (4, b"four")):
+        message = wp.AUDIO_MESSAGE.pack(7, job_id)
+        if content is None:  # the daemon could not open it
+            ours.send(message)
+            continue
+        path = tmp_path / f"audio-{job_id}"
+        path.write_bytes(content)
+        fd = os.open(path, os.O_RDONLY)
+        socket.send_fds(ours, [message], [fd])
+        os.close(fd)
+    inbox = AudioInbox(theirs)
+    with inbox.open(7, job(1)) as audio:
+        assert audio.read() == b"one"
+    with pytest.raises(FileNotFoundError):
+        inbox.open(7, job(2))
+    with inbox.open(7, job(4)) as audio:  # job 3 was skipped (cancelled): its descriptor is closed
+        assert audio.read() == b"four"
+    with pytest.raises(FileNotFoundError):
+        inbox.open(7, job(5))  # nothing was passed for it
+    inbox.drain()
+    assert open_fds() == before, "every descriptor passed was closed"
+    ours.close()
+    theirs.close()
+
+
+def test_jobs_of_a_batch_get_their_own_audio_and_the_unopened_rest_is_let_go(tmp_path: Path) -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    specs = [job(1, "segments=1"), job(2, "segments=1"), job(3, "segments=1")]
+    for spec, script in zip(specs, ("segments=1", "segments=2", "segments=3"), strict=True):
+        path = tmp_path / f"audio-{spec.job_id}"
+        path.write_text(script)
+        fd = os.open(path, os.O_RDONLY)
+        socket.send_fds(ours, [wp.AUDIO_MESSAGE.pack(1, spec.job_id)], [fd])
+        os.close(fd)
+    out = io.BytesIO()
+    worker = Worker(out, FakeTranscriber(), 2, AudioInbox(theirs))
+    worker.read_commands([wp.encode(batch(1, *specs)), wp.encode(wp.CancelJob(job_id=3))])
+    worker.run()
+    messages = [wp.from_worker_decoder.decode(line) for line in out.getvalue().splitlines()]
+    finished = {m.job_id: len(m.transcript.segments) for m in of_type(messages, wp.Finished)}
+    assert finished == {1: 1, 2: 2}, "each job read its own file, not its audio_path"
+    assert of_type(messages, wp.Stopped)[0].job_id == 3
+    with pytest.raises(BlockingIOError):
+        theirs.recv(64)  # the cancelled job's descriptor was taken off the socket (and closed)
+    ours.close()
+    theirs.close()

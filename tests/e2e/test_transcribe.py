@@ -87,7 +87,8 @@ def test_undecodable_audio_fails_at_once_without_retries(
     [final] = shared_daemon.wait_terminal([job.id])
     assert final.state is JobState.FAILED
     assert final.retries == 0
-    assert final.error is not None and "does not decode" in final.error
+    assert final.error is not None and final.error.startswith(str(junk)), "it names what the user sent"
+    assert "spool" not in final.error
     out = shared_daemon.ctl("result", str(job.id))
     assert out.returncode == 2 and "FAILED" in out.stderr
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -55,6 +56,19 @@ def short_socket_dir() -> Path:
     return path
 
 
+def running_in_group(pgid: int) -> list[int]:
+    """Pids of the group's processes that can still run (zombies cannot, and may wait long for a reaper)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # it exited meanwhile
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
 class DaemonProcess:
     started: list[DaemonProcess] = []  # so that a failed test leaves no daemon behind (see conftest)
 
@@ -85,15 +99,20 @@ class DaemonProcess:
         check_isolated(env)
         return env
 
-    def start(self, timeout_s: float = 90) -> DaemonProcess:
+    def start(self, timeout_s: float = 90, own_group: bool = False, wait: bool = True) -> DaemonProcess:
+        """own_group: in a session of its own, so that kill_group() reaches it and its workers at once;
+        wait=False returns as soon as the process is started (to kill it while it starts up)."""
         env = self.env  # refuses before anything starts if whisperd would use the system's state
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "whisperd", "--config", str(self.config_path), "--log-level", "debug"],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=own_group,
         )  # fmt: skip
         log.close()
         DaemonProcess.started.append(self)
+        if not wait:
+            return self
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -110,6 +129,21 @@ class DaemonProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout_s)
+
+    def kill_group(self, timeout_s: float = 30) -> None:
+        """kill -9 of the whole process group (started with own_group=True), then wait until none of it is
+        left: no process of the old run may overlap the next one."""
+        assert self.proc is not None
+        pgid = self.proc.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        self.proc.wait(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not running_in_group(pgid):
+                return
+            time.sleep(0.01)
+        raise TimeoutError(f"process group {pgid} outlived kill -9 by {timeout_s}s")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

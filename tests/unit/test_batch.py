@@ -115,3 +115,23 @@ def test_a_later_deadline_replaces_the_earlier_one() -> None:
     assert batch.cancel_overdue(200.0)
     batch.finish(2)
     assert not batch.cancel_overdue(200.0)
+
+
+def test_a_kill_for_what_a_job_did_blames_the_job_started_else_the_one_about_to_start() -> None:
+    batch = Batch(1, [1, 2, 3], at=100.0)
+    assert batch.blamed_job == 1, "dispatched, nothing said yet: the first job is the one it is on"
+    batch.start(1)
+    batch.finish(1)
+    assert batch.blamed_job == 2
+    batch.start(2)
+    assert batch.blamed_job == 2
+    batch.finish(2)
+    batch.finish(3)
+    assert batch.blamed_job is None
+
+
+def test_silence_is_counted_from_the_dispatch_then_from_the_last_word() -> None:
+    batch = Batch(1, [1], at=100.0)
+    assert batch.silent_for(160.0) == 60.0
+    batch.heard(150.0)
+    assert batch.silent_for(160.0) == 10.0

@@ -72,3 +72,55 @@ def test_renaming_a_model_to_a_bigger_one_reserves_the_bigger_ones_memory() -> N
     estimates = MemoryEstimates(baseline_from_config(config({"fast": "tiny.en"})))
     estimates.replace_baseline(baseline_from_config(config({"fast": "large-v3"})))
     assert estimates.memory_bytes("fast") == int(4.5 * GIB)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+HOUR = 3600.0
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected_gib"),
+    [
+        # (seconds to wait, then an out-of-memory error or not) ... -> the reservation at the end
+        ([(0, True)], 5.0),  # 4 GiB * 1.25
+        ([(0, True), (HOUR - 1, False)], 5.0),  # within the hour: all of what was learned
+        ([(0, True), (HOUR, False)], 4.5),  # an hour without errors: the excess (1 GiB) halved
+        ([(0, True), (2 * HOUR, False)], 4.25),
+        ([(0, True), (3 * HOUR + 1, False)], 4.125),
+        ([(0, True), (100 * HOUR, False)], 4.0),  # back to the baseline
+        ([(0, True), (0, True)], 6.25),  # 4 * 1.25 * 1.25
+        ([(0, True), (HOUR, True)], 5.625),  # 4.5 GiB when the second error came, * 1.25
+        ([(0, True), (HOUR, True), (HOUR, False)], 4.8125),  # the excess 1.625 halved, from the last error
+        ([(0, True), (-HOUR, False)], 5.0),  # a clock set back decays nothing
+    ],
+    ids=[
+        "learned",
+        "hour-not-yet",
+        "one-hour",
+        "two-hours",
+        "three-hours",
+        "forgotten",
+        "two-errors",
+        "error-after-decay",
+        "decay-from-last-error",
+        "clock-set-back",
+    ],
+)
+def test_what_out_of_memory_errors_taught_halves_every_hour_without_errors(
+    steps: list[tuple[float, bool]], expected_gib: float
+) -> None:
+    clock = Clock()
+    estimates = MemoryEstimates({"m": ModelBudget("tiny", 4 * GIB), "other": ModelBudget("base", GIB)}, clock)
+    for wait_s, out_of_memory in steps:
+        clock.now += wait_s
+        if out_of_memory:
+            estimates.learn_out_of_memory("m")
+    assert estimates.memory_bytes("m") / GIB == pytest.approx(expected_gib)
+    assert estimates.memory_bytes("other") == GIB, "only the model that ran out of memory"

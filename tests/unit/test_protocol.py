@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import typing
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,9 @@ GOLDEN_REQUESTS: list[tuple[str, Json, p.Request]] = [
             "op": "submit",
             "files": [{"name": "/home/ana/talk.wav", "fd_index": 0}],
             "model": "tiny.en",
-            "priority": 5,
+            "priority": -5,
         },
-        p.Submit(files=[p.SubmitFile(name="/home/ana/talk.wav", fd_index=0)], model="tiny.en", priority=5),
+        p.Submit(files=[p.SubmitFile(name="/home/ana/talk.wav", fd_index=0)], model="tiny.en", priority=-5),
     ),
     (
         "submit-path",
@@ -164,6 +165,8 @@ STATS: Json = {
                  "jobs": [43], "restarts": 0}],
     "uptime_s": 3600.5, "audio_seconds_total": 1800.0, "processing_seconds_total": 120.0,
     "realtime_factor": 15.0,
+    "users": [{"uid": 1000, "queued_jobs": 2, "running_jobs": 1, "finished_jobs": 40, "spool_bytes": 5242880,
+               "audio_seconds": 1800.0}],
 }  # fmt: skip
 STATS_VIEW = p.StatsView(
     states={"PENDING": 2, "PROCESSING": 1, "RETRYING": 0, "COMPLETED": 40, "FAILED": 0, "CANCELLED": 0},
@@ -171,6 +174,8 @@ STATS_VIEW = p.StatsView(
     workers=[p.WorkerView(id="cpu0", device="cpu", pid=4242, state="busy", models=["tiny.en"], jobs=[43],
                           restarts=0)],
     uptime_s=3600.5, audio_seconds_total=1800.0, processing_seconds_total=120.0, realtime_factor=15.0,
+    users=[p.UserStatsView(uid=1000, queued_jobs=2, running_jobs=1, finished_jobs=40, spool_bytes=5242880,
+                           audio_seconds=1800.0)],
 )  # fmt: skip
 
 UNKNOWN_MODEL = "unknown model 'large'; this daemon serves: tiny.en"
@@ -598,3 +603,144 @@ def test_line_buffer_chunking_does_not_change_the_lines(
     whole = fed(p.LineBuffer(max_line), [stream])
     assert whole == model_lines(stream, max_line)
     assert fed(p.LineBuffer(max_line), chunks) == whole
+
+
+# ---- bounds (docs/protocol.md, "limits") --------------------------------------------------------------
+
+
+def _submit(**fields: Any) -> bytes:
+    files = fields.pop("files", [{"name": "a.wav", "fd_index": 0}])
+    return wire({"op": "submit", "files": files, **fields})
+
+
+@pytest.mark.parametrize(
+    ("line", "fragment"),
+    [
+        (_submit(files=[{"name": "x" * 4097, "fd_index": 0}]), "4096"),
+        (_submit(files=[{"name": "a\nINFO forged line", "fd_index": 0}]), "control characters"),
+        (_submit(files=[{"name": "\x1b[2Jcleared", "fd_index": 0}]), "control characters"),
+        (_submit(files=[{"name": "a\u0085b", "fd_index": 0}]), "control characters"),
+        (_submit(files=[{"name": "a", "path": "/x\x00y"}]), "NUL"),
+        (_submit(files=[{"name": "a", "path": "/" + "x" * 4096}]), "4096"),
+        (_submit(files=[{"name": "a", "fd_index": 0}] * 1001), "1000"),
+        (_submit(language="x" * 17), "16"),
+        (_submit(language="EN"), "language code"),
+        (_submit(language="e n"), "language code"),
+        (_submit(model="m" * 257), "256"),
+        (wire({"op": "status", "limit": 10_001}), "10000"),
+        (wire({"op": "status", "ids": list(range(1, 10_002))}), "10000"),
+        (wire({"op": "cancel", "ids": list(range(1, 10_002))}), "10000"),
+        (wire({"op": "status", "ids": [2**63]}), "9223372036854775807"),
+        (wire({"op": "cancel", "ids": [2**64]}), "9223372036854775807"),
+        (wire({"op": "result", "id": 2**63}), "9223372036854775807"),
+        (wire({"op": "result", "id": 0}), ">= 1"),
+        (wire({"op": "status", "ids": [-1]}), ">= 1"),
+    ],
+    ids=[
+        "name-length", "name-newline", "name-escape", "name-c1", "path-nul", "path-length", "files",
+        "language-length", "language-case", "language-space", "model-length", "status-limit", "status-ids",
+        "cancel-ids", "status-id-2**63", "cancel-id-2**64", "result-id-2**63", "result-id-0", "status-id-neg",
+    ],
+)  # fmt: skip
+def test_bounds_are_refused_naming_the_limit(line: bytes, fragment: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        p.decode_request(line)
+    assert info.value.code == "bad_request"
+    assert fragment in info.value.message
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        _submit(files=[{"name": "é" * 4096, "fd_index": 0}] * 1000, language="zh-hant", model="m" * 256),
+        wire({"op": "status", "ids": [2**63 - 1] * 10_000, "limit": 10_000}),
+        wire({"op": "cancel", "ids": list(range(1, 10_001))}),
+    ],
+    ids=["submit-at-limits", "status-at-limits", "cancel-at-limits"],
+)
+def test_requests_at_the_limits_decode(line: bytes) -> None:
+    assert isinstance(p.decode_request(line), p.Submit | p.Status | p.Cancel)
+
+
+@pytest.mark.parametrize("depth", [1_000, 100_000])
+@pytest.mark.parametrize("where", ["before-op", "after-op", "in-ids"])
+def test_deep_nesting_is_a_bad_request(depth: int, where: str) -> None:
+    nested = b"[" * depth + b"]" * depth
+    line = {
+        "before-op": b'{"x":' + nested + b',"op":"ping"}',
+        "after-op": b'{"op":"ping","x":' + nested + b"}",
+        "in-ids": b'{"op":"status","ids":' + nested + b"}",
+    }[where]
+    with pytest.raises(BadRequest) as info:
+        p.decode_request(line)
+    assert info.value.code == "bad_request"
+
+
+@PROPERTY_SETTINGS
+@given(st.integers(min_value=1, max_value=200), st.sampled_from([b"[", b'{"a":', b'{"op":"ping","x":[']))
+def test_decode_request_on_deeply_nested_json_only_refuses(depth_hundreds: int, opener: bytes) -> None:
+    decodes_or_refuses(b'{"x":' + opener * (depth_hundreds * 100))
+
+
+# ---- framing cost -------------------------------------------------------------------------------------
+
+
+class CountingLineBuffer(p.LineBuffer):
+    """Counts the bytes each newline search looks at."""
+
+    searched = 0
+
+    def _find_newline(self, start: int) -> int:
+        found = super()._find_newline(start)
+        self.searched += (found + 1 if found >= 0 else len(self._buf)) - start
+        return found
+
+
+def test_a_byte_at_a_time_sender_costs_each_byte_one_search() -> None:
+    line = b'{"op":"status","ids":[' + b"1," * 500_000 + b"1]}"  # about 1 MB
+    buffer = CountingLineBuffer(2 * len(line))
+    items: list[bytes | RequestTooLarge] = []
+    for i in range(len(line)):
+        items += buffer.feed(line[i : i + 1])
+    items += buffer.feed(b"\n")
+    assert items == [line]
+    # searched once each (before: about len(line)**2 / 2, half a terabyte of scanning)
+    assert len(line) <= buffer.searched <= len(line) + 1
+
+
+def test_a_byte_at_a_time_over_long_line_costs_each_byte_one_search() -> None:
+    buffer = CountingLineBuffer(1000)
+    items: list[bytes | RequestTooLarge] = []
+    for _ in range(5000):
+        items += buffer.feed(b"x")
+    items += buffer.feed(b"\nok\n")
+    assert [type(i) for i in items] == [RequestTooLarge, bytes] and items[1] == b"ok"
+    assert 5000 <= buffer.searched <= 5000 + 4
+
+
+# ---- showing untrusted text --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("plain é 漢字 😀", "plain é 漢字 😀"),
+        ("a\nb\r\tc", "a\\x0ab\\x0d\\x09c"),
+        ("\x1b[2J\x07", "\\x1b[2J\\x07"),
+        ("\x9b31m\x7f", "\\x9b31m\\x7f"),
+        ("evil\u202etxt.exe", "evil\\u202etxt.exe"),
+        ("line\u2028sep", "line\\u2028sep"),
+        ("bad\udcffbyte", "bad\\udcffbyte"),
+    ],
+    ids=["printable", "newlines", "escape", "c1-del", "bidi", "line-separator", "surrogate"],
+)
+def test_printable_escapes_what_could_rewrite_a_terminal_or_a_log(text: str, shown: str) -> None:
+    assert p.printable(text) == shown
+
+
+@PROPERTY_SETTINGS
+@given(st.text())
+def test_printable_leaves_nothing_a_terminal_acts_on(text: str) -> None:
+    # controls, format characters (bidi), line and paragraph separators, lone surrogates
+    acted_on = {"Cc", "Cf", "Zl", "Zp", "Cs"}
+    assert not [c for c in p.printable(text) if unicodedata.category(c) in acted_on]

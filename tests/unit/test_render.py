@@ -11,6 +11,7 @@ from whisperctl.render import (
     format_timestamp,
     format_transcript,
     job_event_line,
+    job_failed_line,
     jobs_table,
     stats_text,
 )
@@ -326,3 +327,44 @@ def test_stats_text_without_realtime_factor_or_workers() -> None:
 )
 def test_job_event_line(overrides: dict[str, Any], expected: str) -> None:
     assert job_event_line(_job(**overrides)) == expected
+
+
+# ---- untrusted text ----------------------------------------------------------------------------------
+
+# What a user may name a file (a job of an older daemon, or any label sent by another client): a terminal
+# escape that clears the screen, a forged line, a bidi override that reverses what follows.
+HOSTILE_NAME = "/home/u/\x1b[2J\x1b]0;pwned\x07ok\nFAKE 99 COMPLETED\r\u202ewav.exe"
+HOSTILE_ERROR = "bad audio\n\x1b[31mjob 8 COMPLETED\x1b[0m"
+
+
+def _unsafe(text: str) -> list[str]:
+    return [c for c in text if c in "\x1b\x07\r\u202e"]
+
+
+def test_jobs_table_escapes_file_names() -> None:
+    table = jobs_table([_job(filename=HOSTILE_NAME), _job(id=8)], now=1000.0)
+    assert not _unsafe(table)
+    lines = table.splitlines()
+    assert len(lines) == 3, "one line per job, whatever its name"
+    assert lines[1].endswith("\\x1b[2J\\x1b]0;pwned\\x07ok\\x0aFAKE 99 COMPLETED\\x0d\\u202ewav.exe")
+
+
+def test_job_event_line_escapes_names_and_errors() -> None:
+    line = job_event_line(_job(filename=HOSTILE_NAME, state=JobState.FAILED, error=HOSTILE_ERROR))
+    assert not _unsafe(line) and "\n" not in line
+    assert line.endswith(": bad audio\\x0a\\x1b[31mjob 8 COMPLETED\\x1b[0m")
+
+
+def test_job_failed_line_escapes_names_and_errors() -> None:
+    line = job_failed_line(_job(filename=HOSTILE_NAME, state=JobState.FAILED, error=HOSTILE_ERROR))
+    assert not _unsafe(line) and "\n" not in line
+    assert line.startswith("job 7 FAILED: bad audio\\x0a\\x1b[31m")
+
+
+def test_stats_text_escapes_what_it_shows() -> None:
+    worker = WorkerView(
+        id="w\x1b[1m", device="cpu", pid=1, state="idle", models=["m\nx"], jobs=[], restarts=0
+    )
+    text = stats_text(_stats(workers=[worker]))
+    assert not _unsafe(text)
+    assert "w\\x1b[1m" in text and "m\\x0ax" in text

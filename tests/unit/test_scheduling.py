@@ -1,4 +1,4 @@
-"""The placement decision: fits() and plan() over hand-built snapshots."""
+"""The placement decision: fits() and plan() over hand-built snapshots (fair share: test_fair_share.py)."""
 
 from __future__ import annotations
 

@@ -69,3 +69,19 @@ def test_rehearsal_mode_runs_gpu_workers_on_the_cpu() -> None:
     assert spec.env["CUDA_VISIBLE_DEVICES"] == "GPU-0"
     assert spec.argv[spec.argv.index("--device") + 1] == "cpu"
     assert spec.argv[spec.argv.index("--compute-type") + 1] == "int8"
+
+
+def test_workers_are_told_to_sandbox_themselves_with_the_models_and_paths_the_config_names() -> None:
+    config = Config(
+        workers=WorkersConfig(cpu_workers=1, sandbox_read_paths=["/opt/cuda"]),
+        models={"tiny.en": "bundled:tiny.en", "de": "/srv/models/de", "large": "large-v3"},
+    )
+    (spec,) = worker_specs(config, [], 1)
+    tail = spec.argv[spec.argv.index("--sandbox") :]
+    assert tail == (
+        "--sandbox", "--sandbox-read", "/opt/cuda", "--model-source", "/srv/models/de",
+        "--model-source", "bundled:tiny.en", "--model-source", "large-v3",
+    )  # fmt: skip
+    config.workers.sandbox = False
+    (spec,) = worker_specs(config, [], 1)
+    assert "--sandbox" not in spec.argv
