@@ -15,7 +15,7 @@ import msgspec
 from whisperd.errors import BadRequest, ProtocolError, RequestTooLarge, UnknownOp
 from whisperd.jobs import JobState
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 Task = Literal["transcribe", "translate"]
 
 # ---- request bounds (docs/protocol.md, "limits"): what one request may ask for, so that no request costs

@@ -136,7 +136,7 @@ def test_socket_activation(tmp_path: Path, speech: dict[str, Path]) -> None:
         while not sock.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         client = Client(str(sock), timeout_s=120)
-        assert client.ping().protocol == 1  # the first connection starts the daemon; it waits in the backlog
+        assert client.ping().protocol == 2  # the first connection starts the daemon; it waits in the backlog
         [job] = client.submit([str(speech["fox"])])
         deadline = time.monotonic() + 120
         while not client.status([job.id])[0].state.terminal and time.monotonic() < deadline:
