@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import DaemonProcess
+from whisperd import protocol as p
 from whisperd.jobs import JobState
 
 pytestmark = pytest.mark.e2e
@@ -159,8 +160,6 @@ def test_a_worker_killed_mid_job_is_restarted_and_the_job_retried(
 def test_watch_streams_snapshots_then_job_events(
     shared_daemon: DaemonProcess, speech: dict[str, Path]
 ) -> None:
-    from whisperd import protocol as p
-
     with shared_daemon.client.watch() as events:
         first, second = next(events), next(events)
         assert isinstance(first, p.DeviceSnapshot) and isinstance(second, p.SystemSnapshot)
@@ -181,4 +180,4 @@ def test_stats_and_gpu_json(shared_daemon: DaemonProcess) -> None:
     devices = json.loads(shared_daemon.ctl("gpu", "--json").stdout)
     assert [d["name"] for d in devices] == ["cpu"]
     pong = shared_daemon.ctl("ping")
-    assert pong.returncode == 0 and "protocol 1" in pong.stdout
+    assert pong.returncode == 0 and f"protocol {p.PROTOCOL_VERSION}" in pong.stdout
