@@ -12,6 +12,8 @@ SYSCONFDIR ?= /etc
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 PYTHON ?= python3
 PIP_FLAGS ?=
+# `make bench`: queued jobs bench/scale.py fills the store with (make bench SCALE_JOBS=100000 is quicker)
+SCALE_JOBS ?= 1000000
 APT_PACKAGES := espeak-ng sox ffmpeg socat gcc pkg-config libsystemd-dev python3-venv prometheus prometheus-alertmanager
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -52,6 +54,8 @@ lint: venv
 bench: venv system-deps
 	$(PY) bench/throughput.py $(BENCH_ARGS)
 	$(PY) bench/scrape_cost.py
+	$(PY) bench/scale.py --jobs $(SCALE_JOBS)
+	$(PY) bench/cli_start.py
 
 # make install [PREFIX=/usr/local] [DESTDIR=staging] [PYTHON=python3] [PIP_FLAGS=...]: the package and its
 # dependencies for PYTHON, the systemd units (ExecStart under PREFIX), sysusers.d, tmpfiles.d and etc/.

@@ -1,18 +1,19 @@
 """whisperctl: submit audio to whisperd, follow it, fetch results, cancel; inspect devices and stats."""
 
+# Started for every command, so it imports only what `ping` needs: whisperctl.render (and pwd) are imported
+# by the commands that print with them (tests/unit/test_cli_imports.py keeps it so).
 from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import os
-import pwd
 import sys
 import time
 from collections.abc import Sequence
 
 import msgspec
 
-from whisperctl import render
 from whisperctl.client import Client, Dropped, NoReply, Unreachable
 from whisperd import protocol as p
 from whisperd.errors import WhisperdError
@@ -29,11 +30,38 @@ EXIT_CODES = """exit status:
        the request may or may not have taken effect; check with status
   124  timed out: wait --timeout, or whisperd did not reply within 600 s
   130  interrupted"""
+FORMATS = ("txt", "srt", "vtt", "tsv", "json")  # render.FORMATS, which a test keeps equal to this
+
+
+def _columns() -> int:
+    """shutil.get_terminal_size().columns without importing shutil (and the compression modules it brings):
+    argparse sizes a formatter for every argument it adds, so every run would import it."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0 and sys.__stdout__ is not None:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (ValueError, OSError):
+            columns = 0
+    return columns if columns > 0 else 80
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=_columns() - 2)
+
+
+class _RawDescriptionHelpFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
 
 
 @functools.cache
 def _user_name(uid: int) -> str | None:
     """The name of a uid in this machine's user database (the daemon sends uids only)."""
+    import pwd
+
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -46,6 +74,8 @@ def _json(obj: object) -> None:
 
 def _follow(client: Client, ids: Sequence[int], timeout_s: float | None, quiet: bool) -> dict[int, p.JobView]:
     """Follow jobs until each is terminal; progress lines go to stderr. Raises TimeoutError."""
+    from whisperctl import render
+
     deadline = time.monotonic() + timeout_s if timeout_s else None
     with client.watch() as events:
         # Read the state after subscribing, so no transition between the two is missed.
@@ -89,6 +119,8 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
 
 
 def _print_results(client: Client, jobs: list[p.JobView], fmt: str, as_json: bool) -> int:
+    from whisperctl import render
+
     out: list[object] = []
     status = EXIT_OK
     for job in jobs:
@@ -114,6 +146,8 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         _json(jobs)
     else:
+        from whisperctl import render
+
         sys.stdout.write(render.jobs_table(jobs, time.time()))
     return EXIT_OK
 
@@ -131,6 +165,8 @@ def cmd_wait(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_result(client: Client, args: argparse.Namespace) -> int:
+    from whisperctl import render
+
     result = client.result(args.id)
     sys.stdout.write(render.format_transcript(result.transcript, args.format))
     return EXIT_OK
@@ -150,6 +186,8 @@ def cmd_gpu(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         _json(devices)
     else:
+        from whisperctl import render
+
         sys.stdout.write(render.devices_table(devices))
     return EXIT_OK
 
@@ -159,11 +197,15 @@ def cmd_stats(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         _json(stats)
     else:
+        from whisperctl import render
+
         sys.stdout.write(render.stats_text(stats, _user_name))
     return EXIT_OK
 
 
 def cmd_watch(client: Client, args: argparse.Namespace) -> int:
+    from whisperctl import render
+
     with client.watch() as events:
         for event in events:
             if args.json:
@@ -189,12 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="whisperctl",
         description=__doc__,
         epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_RawDescriptionHelpFormatter,
     )
     parser.add_argument("--socket", help="control socket (default: $WHISPERD_SOCKET or the daemon's default)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("submit", help="queue audio files")
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, formatter_class=_HelpFormatter)
+
+    s = command("submit", "queue audio files")
     s.add_argument("files", nargs="+")
     s.add_argument("--model")
     s.add_argument("--language")
@@ -205,48 +250,52 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     s.add_argument("--word-timestamps", action="store_true")
     s.add_argument("--wait", action="store_true", help="wait and print the transcripts")
-    s.add_argument("--format", choices=render.FORMATS, default="txt", help="with --wait")
+    s.add_argument("--format", choices=FORMATS, default="txt", help="with --wait")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_submit)
 
-    s = sub.add_parser("status", help="the queue, like squeue")
+    s = command("status", "the queue, like squeue")
     s.add_argument("ids", nargs="*", type=int)
     s.add_argument("--state", choices=[st.value for st in JobState])
     s.add_argument("--limit", type=int, default=1000)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
 
-    s = sub.add_parser("wait", help="wait for jobs; exit 0 only if every one COMPLETED")
+    s = command("wait", "wait for jobs; exit 0 only if every one COMPLETED")
     s.add_argument("ids", nargs="+", type=int)
     s.add_argument("--timeout", type=float, help="seconds")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_wait)
 
-    s = sub.add_parser("result", help="print a transcript")
+    s = command("result", "print a transcript")
     s.add_argument("id", type=int)
-    s.add_argument("--format", choices=render.FORMATS, default="txt")
+    s.add_argument("--format", choices=FORMATS, default="txt")
     s.set_defaults(func=cmd_result)
 
-    s = sub.add_parser("cancel", help="cancel jobs")
+    s = command("cancel", "cancel jobs")
     s.add_argument("ids", nargs="+", type=int)
     s.set_defaults(func=cmd_cancel)
 
     for name, func, text in (("gpu", cmd_gpu, "devices"), ("stats", cmd_stats, "queue and workers")):
-        s = sub.add_parser(name, help=text)
+        s = command(name, text)
         s.add_argument("--json", action="store_true")
         s.set_defaults(func=func)
 
-    s = sub.add_parser("watch", help="stream job events and snapshots")
+    s = command("watch", "stream job events and snapshots")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_watch)
 
-    s = sub.add_parser("ping", help="check the daemon answers")
+    s = command("ping", "check the daemon answers")
     s.set_defaults(func=cmd_ping)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:
+        # Run as the program: what is loaded by now lives as long as the process, so the collector need not
+        # walk it again, in a long watch or in the collections at exit (those cost a ping 5 ms).
+        gc.freeze()
     client = Client(args.socket)
     try:
         status: int = args.func(client, args)

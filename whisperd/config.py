@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -195,6 +194,8 @@ def resolve_state_dir(configured: str = "") -> Path:
 
 
 def parse_config(text: str, source: str = "<config>") -> Config:
+    import tomllib  # here, not at the top: whisperctl imports this module for the socket path only
+
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

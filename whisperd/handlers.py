@@ -201,8 +201,7 @@ class Handlers:
             raise BadRequest(f"cannot open {f.path}: {exc.strerror}") from None
 
     async def status(self, request: p.Status, caller: Caller, fds: list[int]) -> p.Reply:
-        jobs = self._registry.select(request.ids, request.state, request.limit)
-        return p.Jobs(jobs=[j.view() for j in jobs])
+        return p.Jobs(jobs=self._registry.select(request.ids, request.state, request.limit))
 
     def _check_free_space(self, floor_bytes: int) -> None:
         """Keep room for the results of the work already accepted: no new work below the floor."""

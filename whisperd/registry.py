@@ -13,7 +13,7 @@ import msgspec
 from whisperd.errors import NotFound, StorageError
 from whisperd.jobs import JobEvent, JobState, retry_delay_s, transition
 from whisperd.ledger import Ledger, UserFigures
-from whisperd.protocol import JobView, Transcript, printable
+from whisperd.protocol import MAX_STATUS_LIMIT, JobView, Transcript, printable
 from whisperd.scheduling import Lane, QueuedJob, Waiting
 from whisperd.spool import Spool
 from whisperd.store import JobRow, NewJob, Store
@@ -22,6 +22,7 @@ log = logging.getLogger("whisperd.jobs")
 
 Publish = Callable[[JobView], None]
 TransitionHook = Callable[[JobRow, JobState, JobEvent], None]
+_FINISHED_VIEWS = MAX_STATUS_LIMIT  # views of finished jobs kept for listings: about 5 MB
 
 
 class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
@@ -68,9 +69,13 @@ class JobRegistry:
         self._publish_view = publish
         self._on_transition = on_transition
         self._live: dict[int, JobRow] = {}
+        # Views of finished jobs (they never change) that listings read, the latest _FINISHED_VIEWS: the
+        # newest finished jobs are listed again and again, and each row read from the store costs a few µs.
+        self._finished_views: dict[int, JobView] = {}
         self._counts: Counter[JobState] = Counter()  # kept as jobs move, so reading it costs nothing
         # Waiting jobs (PENDING, RETRYING) by id, in the order they were (re)queued: the first is the oldest.
         self._waiting: dict[int, float] = {}
+        self._retrying: dict[int, JobRow] = {}  # so a round reads the few in backoff, not every live job
         self._avoid_devices: dict[int, frozenset[str]] = {}  # live job -> devices it ran out of memory on
         self._deferred: dict[int, _Deferred] = {}  # live job -> its transition the store refused, in order
         self._store_failing = False  # to log a failing store once, and its recovery once
@@ -89,6 +94,8 @@ class JobRegistry:
                 interrupted.append(job)
             else:
                 self._waiting[job.id] = job.queued_at
+                if job.state is JobState.RETRYING:
+                    self._retrying[job.id] = job
         try:  # after the waiting ones, whose places in the queue stay theirs; one commit for them all
             self.apply_many(interrupted, JobEvent.REQUEUE, error=None)
         except StorageError as exc:
@@ -123,18 +130,39 @@ class JobRegistry:
     def transcript(self, job_id: int) -> Transcript | None:
         return self._store.transcript(job_id)
 
-    def select(self, ids: Sequence[int], state: JobState | None, limit: int) -> list[JobRow]:
-        """The jobs named (all of them, each must exist), else the newest `limit`; optionally of one state."""
-        if ids:
-            found = {j.id: j for j in self._store.select(ids, None, len(ids))}
-            missing = [i for i in ids if i not in found]
+    def select(self, ids: Sequence[int], state: JobState | None, limit: int) -> list[JobView]:
+        """What clients see of the jobs named (all of them, each must exist, in the order asked), else of the
+        newest `limit`, oldest first; optionally of one state. Live jobs come from memory (their latest
+        progress), the others' views from the store; the newest are found by the store's indexes, so a
+        listing costs what it returns, not the length of the queue."""
+        live = self._live
+        if ids:  # not from the views kept: retention may have deleted a finished job since
+            wanted = list(dict.fromkeys(ids))
+            found = self._stored_views(wanted, {})
+            missing = [i for i in ids if i not in live and i not in found]
             if missing:
                 raise NotFound(f"no job {', '.join(map(str, missing))}")
-            jobs = [self._live.get(i) or found[i] for i in dict.fromkeys(ids)]  # live copies: latest progress
-            return [j for j in jobs if state is None or j.state is state]
-        if state is not None and not state.terminal:
-            return sorted((j for j in self._live.values() if j.state is state), key=lambda j: j.id)[-limit:]
-        return [self._live.get(j.id) or j for j in self._store.select([], state, limit)]
+            views = [live[i].view() if i in live else found[i] for i in wanted]
+            return [v for v in views if state is None or v.state is state]
+        newest = self._store.newest_ids(state, limit)  # these exist: the views kept may serve them
+        found = self._stored_views(newest, self._finished_views)
+        # .get: retention (in a thread) may have deleted a finished job between the two reads
+        newest_views = [live[i].view() if i in live else found.get(i) for i in newest]
+        return [v for v in newest_views if v is not None and (state is None or v.state is state)]
+
+    def _stored_views(self, ids: Sequence[int], kept: Mapping[int, JobView]) -> dict[int, JobView]:
+        """Views of those of these jobs that are not live: from `kept`, else from the store (one query, none
+        if all are live or kept). The finished ones read are kept for the next listing."""
+        found = {i: kept[i] for i in ids if i in kept}
+        stored = [i for i in ids if i not in self._live and i not in found]
+        if stored:
+            for view in self._store.views(stored, None, len(stored)):
+                found[view.id] = view
+                if view.state.terminal:
+                    self._finished_views[view.id] = view
+            while len(self._finished_views) > _FINISHED_VIEWS:  # the longest kept go first
+                del self._finished_views[next(iter(self._finished_views))]
+        return found
 
     def counts(self) -> dict[str, int]:
         return {s.value: self._counts[s] for s in JobState}
@@ -205,8 +233,8 @@ class JobRegistry:
         """RETRYING jobs whose backoff has elapsed go back to the queue; returns when the next one is due."""
         next_due: float | None = None
         due = []
-        for job in self.live():
-            if job.state is JobState.RETRYING and job.not_before is not None:
+        for job in self._retrying.values():
+            if job.not_before is not None:
                 if job.not_before <= now:
                     due.append(job)
                 else:
@@ -354,6 +382,10 @@ class JobRegistry:
         self._waiting.pop(job.id, None)
         if new in (JobState.PENDING, JobState.RETRYING):
             self._waiting[job.id] = now  # to the tail, so the first entry stays the oldest
+        if new is JobState.RETRYING:
+            self._retrying[job.id] = job
+        else:
+            self._retrying.pop(job.id, None)
         if new.terminal:
             self._spool.discard(spool)  # only once the commit no longer needs it
             self._live.pop(job.id, None)

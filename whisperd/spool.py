@@ -3,6 +3,7 @@ never depends on the caller's file staying where it was."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -21,9 +22,12 @@ class Spool:
         # Users' audio: the daemon's alone (0700, files 0600) whatever the umask; an older install's wider
         # modes are narrowed here, once, at start.
         self.directory.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+        older_install = stat.S_IMODE(os.stat(self.directory).st_mode) & ~PRIVATE_DIR_MODE
         narrow_mode(self.directory, PRIVATE_DIR_MODE)
-        for path in self.directory.iterdir():
-            narrow_mode(path, PRIVATE_FILE_MODE, follow_symlinks=False)
+        if older_install:  # files made since under a private dir are 0600: a start costs no walk of them
+            with os.scandir(self.directory) as entries:
+                for entry in entries:
+                    narrow_mode(Path(entry.path), PRIVATE_FILE_MODE, follow_symlinks=False)
 
     def copy_from_fd(self, fd: int, max_bytes: int) -> tuple[str, int]:
         """Copy an open file into the spool and fsync it and its directory entry; blocking, so the daemon
@@ -74,8 +78,10 @@ class Spool:
     def remove_orphans(self, names_in_use: set[str]) -> int:
         """Spool files of submits that crashed before their commit, or of jobs already finished."""
         removed = 0
-        for path in self.directory.iterdir():
-            if path.name not in names_in_use:
-                path.unlink(missing_ok=True)
-                removed += 1
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                if entry.name not in names_in_use:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                    removed += 1
         return removed

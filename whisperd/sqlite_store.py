@@ -19,7 +19,7 @@ import msgspec
 
 from whisperd.errors import StorageBusy, StorageError, StorageFull
 from whisperd.jobs import TERMINAL_STATES, JobEvent, JobState
-from whisperd.protocol import Transcript
+from whisperd.protocol import JobView, Transcript
 from whisperd.statedir import PRIVATE_FILE_MODE, narrow_mode
 from whisperd.store import JOB_COLUMNS, MUTABLE_COLUMNS, EventRow, JobRow, NewJob, SavedTransition
 
@@ -68,6 +68,14 @@ CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at) WHERE finished_at 
 """
 
 _SELECT_JOB = f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs"  # never the transcript
+# A listing's columns, in the order _views unpacks them: no transcript, no spool path.
+_VIEW_COLUMNS = (
+    "id", "state", "progress", "retries", "device", "worker", "model", "language", "task", "priority",
+    "word_timestamps", "error", "filename", "owner_uid", "audio_duration_s", "created_at", "updated_at",
+    "started_at", "finished_at",
+)  # fmt: skip
+_SELECT_VIEW = f"SELECT {', '.join(_VIEW_COLUMNS)} FROM jobs"
+_STATES = {s.value: s for s in JobState}
 _EVENT_COLUMNS = ("at", "from_state", "to_state", "event", "worker", "error")
 _LIVE = tuple(s.value for s in JobState if s not in TERMINAL_STATES)
 
@@ -91,6 +99,24 @@ def storage_error(exc: sqlite3.Error) -> StorageError:
 
 def _job(row: tuple[object, ...]) -> JobRow:
     return msgspec.convert(dict(zip(JOB_COLUMNS, row, strict=True)), JobRow, strict=False)
+
+
+def _views(rows: Sequence[tuple[Any, ...]]) -> list[JobView]:
+    """Straight from the rows, with no JobRow between and no validation: a third of msgspec.convert's cost
+    from dicts, which counts when a listing returns thousands of jobs."""
+    return [
+        JobView(
+            id=id_, state=_STATES[state], progress=progress, retries=retries, device=device, worker=worker,
+            model=model, language=language, task=task, priority=priority,
+            word_timestamps=bool(word_timestamps), error=error, filename=filename, owner_uid=owner_uid,
+            audio_duration_s=audio_duration_s, created_at=created_at, updated_at=updated_at,
+            started_at=started_at, finished_at=finished_at,
+        )
+        for (
+            id_, state, progress, retries, device, worker, model, language, task, priority, word_timestamps,
+            error, filename, owner_uid, audio_duration_s, created_at, updated_at, started_at, finished_at,
+        ) in rows
+    ]  # fmt: skip
 
 
 def _connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
@@ -238,6 +264,19 @@ class SqliteStore:
         return msgspec.json.decode(rows[0][0], type=Transcript)
 
     def select(self, ids: Sequence[int], state: JobState | None, limit: int) -> list[JobRow]:
+        rows = self._newest(_SELECT_JOB, ids, state, limit)
+        return [_job(r) for r in reversed(rows)]
+
+    def views(self, ids: Sequence[int], state: JobState | None, limit: int) -> list[JobView]:
+        return _views(self._newest(_SELECT_VIEW, ids, state, limit)[::-1])
+
+    def newest_ids(self, state: JobState | None, limit: int) -> list[int]:
+        # by the primary key, or by the jobs_state index, whose entries are ordered by id within a state
+        return [r[0] for r in reversed(self._newest("SELECT id FROM jobs", (), state, limit))]
+
+    def _newest(
+        self, select: str, ids: Sequence[int], state: JobState | None, limit: int
+    ) -> list[tuple[Any, ...]]:
         where: list[str] = []
         args: list[object] = []
         if ids:
@@ -246,9 +285,8 @@ class SqliteStore:
         if state is not None:
             where.append("state = ?")
             args.append(state.value)
-        sql = _SELECT_JOB + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
-        rows = self._query(sql, [*args, limit])
-        return [_job(r) for r in reversed(rows)]
+        sql = select + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
+        return self._query(sql, [*args, limit])
 
     def live_jobs(self) -> list[JobRow]:
         placeholders = ",".join("?" * len(_LIVE))
@@ -261,4 +299,5 @@ class SqliteStore:
 
     def spool_names_in_use(self) -> set[str]:
         rows = self._query("SELECT spool_path FROM jobs WHERE spool_path IS NOT NULL")
-        return {Path(r[0]).name for r in rows}  # by name: the state dir may be reached by another path now
+        # By name: the state dir may be reached by another path now (basename: a Path per row is slow).
+        return {os.path.basename(r[0]) for r in rows}

@@ -40,8 +40,16 @@ class JobRow(msgspec.Struct, kw_only=True, gc=False):
     not_before: float | None  # a RETRYING job waits until then
 
     def view(self) -> JobView:
-        """What clients see of the job: the one conversion from the row to the wire."""
-        return JobView(**{name: getattr(self, name) for name in JobView.__struct_fields__})
+        """What clients see of the job: the one conversion from the row to the wire (spelled out: a listing
+        of live jobs makes one per job, and this is twice as fast as a loop over the fields)."""
+        return JobView(
+            id=self.id, state=self.state, progress=self.progress, retries=self.retries, device=self.device,
+            worker=self.worker, model=self.model, language=self.language, task=self.task,
+            priority=self.priority, word_timestamps=self.word_timestamps, error=self.error,
+            filename=self.filename, owner_uid=self.owner_uid, audio_duration_s=self.audio_duration_s,
+            created_at=self.created_at, updated_at=self.updated_at, started_at=self.started_at,
+            finished_at=self.finished_at,
+        )  # fmt: skip
 
 
 JOB_COLUMNS: tuple[str, ...] = JobRow.__struct_fields__
@@ -98,6 +106,16 @@ class Store(Protocol):
 
     def select(self, ids: Sequence[int], state: JobState | None, limit: int) -> list[JobRow]:
         """The jobs named (or all), optionally of one state: the newest `limit`, oldest first."""
+        ...
+
+    def views(self, ids: Sequence[int], state: JobState | None, limit: int) -> list[JobView]:
+        """What clients see of the jobs named (or all), optionally of one state: the newest `limit`, oldest
+        first. Reads only a view's columns (never a transcript or a spool path) and builds no JobRow."""
+        ...
+
+    def newest_ids(self, state: JobState | None, limit: int) -> list[int]:
+        """Ids of the newest `limit` jobs (optionally of one state), oldest first: what a listing of the
+        newest jobs costs is what it returns, not the number of jobs stored."""
         ...
 
     def live_jobs(self) -> list[JobRow]:

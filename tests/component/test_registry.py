@@ -482,6 +482,99 @@ def test_select_without_ids_gives_the_newest_of_a_state(parts: Parts) -> None:
     assert registry.select([], None, 10)[1].progress == 10.0
 
 
+def test_select_gives_what_clients_see_of_each_job(parts: Parts) -> None:
+    """Views straight from the store for finished jobs, from memory for live ones: the same as each job's own
+    view, byte for byte on the wire."""
+    jobs = parts.add(3)
+    dispatch(parts, jobs[0])
+    parts.registry.apply(jobs[0], E.COMPLETE, transcript=TRANSCRIPT)
+    dispatch(parts, jobs[1])
+    parts.registry.set_progress(jobs[1], 55.0, 20.0)
+    ids = [j.id for j in jobs]
+    for selected in (parts.registry.select([], None, 10), parts.registry.select(ids, None, 1)):
+        assert all(isinstance(v, JobView) for v in selected)
+        assert msgspec.json.encode(selected) == msgspec.json.encode([j.view() for j in jobs])
+    assert parts.registry.select([], S.COMPLETED, 10)[0].state is S.COMPLETED
+
+
+class NoWalk(dict[int, JobRow]):
+    """The live jobs, refusing to be walked: a listing must find what it returns without visiting them all."""
+
+    def _walked(self, *args: Any) -> Any:
+        raise AssertionError("the listing walked every live job")
+
+    __iter__ = values = items = keys = _walked
+
+
+def reads(store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """(method, rows returned) for every read of the store from now on."""
+    seen: list[tuple[str, int]] = []
+    for name in ("select", "views", "newest_ids", "live_jobs", "get"):
+        method = getattr(store, name)
+
+        def spy(*args: Any, _name: str = name, _method: Any = method) -> Any:
+            result = _method(*args)
+            seen.append((_name, len(result) if isinstance(result, list) else 1))
+            return result
+
+        monkeypatch.setattr(store, name, spy)
+    return seen
+
+
+def test_a_listing_costs_what_it_returns_not_the_length_of_the_queue(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = parts.add(40)
+    for job in jobs[:4]:
+        dispatch(parts, job)
+    parts.registry.set_progress(jobs[2], 30.0, 9.0)
+    dispatch(parts, jobs[-1])
+    parts.registry.apply(jobs[-1], E.COMPLETE, transcript=TRANSCRIPT)
+    registry = parts.registry
+    monkeypatch.setattr(registry, "_live", NoWalk(registry._live))
+    seen = reads(parts.store, monkeypatch)
+    assert [j.id for j in registry.select([], S.PENDING, 3)] == [j.id for j in jobs[36:39]]
+    running = [(jobs[2].id, 30.0), (jobs[3].id, 0.0)]
+    assert [(j.id, j.progress) for j in registry.select([], S.PROCESSING, 2)] == running, "live progress"
+    assert [j.id for j in registry.select([], None, 2)] == [jobs[38].id, jobs[39].id]
+    assert [j.id for j in registry.select([], S.COMPLETED, 5)] == [jobs[39].id]
+    assert sum(rows for _, rows in seen) <= 3 + 2 + 2 * 2 + 1, seen
+
+
+def test_finished_jobs_listed_again_are_not_read_again_and_deleted_ones_are_gone(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = parts.add(3)
+    for job in jobs:
+        dispatch(parts, job)
+        parts.registry.apply(job, E.COMPLETE, transcript=TRANSCRIPT)
+    first = parts.registry.select([], S.COMPLETED, 10)
+    seen = reads(parts.store, monkeypatch)
+    assert parts.registry.select([], S.COMPLETED, 10) == first
+    assert parts.registry.select([], None, 2) == first[1:]
+    assert seen == [("newest_ids", 3), ("newest_ids", 2)], "their views were kept: only their ids are read"
+    parts.store._db.execute("DELETE FROM jobs WHERE id = ?", (jobs[0].id,))  # as retention does
+    assert [v.id for v in parts.registry.select([], S.COMPLETED, 10)] == [jobs[1].id, jobs[2].id]
+    with pytest.raises(NotFound):
+        parts.registry.select([jobs[0].id], None, 10)
+
+
+def test_select_by_ids_reads_the_store_once_and_only_for_jobs_not_live(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b, c = parts.add(3)
+    dispatch(parts, a)
+    parts.registry.apply(a, E.COMPLETE, transcript=TRANSCRIPT)
+    seen = reads(parts.store, monkeypatch)
+    assert [j.id for j in parts.registry.select([c.id, b.id], None, 1000)] == [c.id, b.id]
+    assert seen == [], "live jobs come from memory"
+    assert [j.id for j in parts.registry.select([b.id, a.id, c.id], None, 1000)] == [b.id, a.id, c.id]
+    assert seen == [("views", 1)], "one query, for the finished one"
+    with pytest.raises(NotFound) as info:
+        parts.registry.select([b.id, 998, a.id], None, 1000)
+    assert re.findall(r"\d+", info.value.message) == ["998"]
+
+
 # ---- counts --------------------------------------------------------------------------------------------
 
 NEXT_EVENTS: dict[JobState, list[JobEvent]] = {

@@ -73,6 +73,44 @@ def test_listings_select_rows_without_decoding_transcripts(tmp_path: Path) -> No
     with pytest.raises(msgspec.DecodeError):
         store.transcript(jobs[0].id)
     assert store.spool_names_in_use() == {Path(j.spool_path or "").name for j in (jobs[0], jobs[2])}
+    views = store.views([], None, 3)
+    assert [v.id for v in views] == [j.id for j in jobs], "views read no transcript either"
+    assert [v.id for v in store.views([jobs[2].id, jobs[0].id], None, 2)] == [jobs[0].id, jobs[2].id]
+    assert [v.id for v in store.views([], JobState.COMPLETED, 10)] == [done.id]
+
+
+def test_views_are_the_rows_views(tmp_path: Path) -> None:
+    """What a listing reads straight from the store is exactly what the row would show, on the wire too
+    (a stored 0/1 is a JSON false/true, a state is a JobState)."""
+    store, spool = SqliteStore(tmp_path / "jobs.sqlite3"), Spool(tmp_path / "spool")
+    jobs = store.insert_jobs([new_job(spooled(spool, tmp_path), priority=i) for i in range(3)], now=1.0)
+    done = jobs[0]
+    done.state, done.progress, done.updated_at, done.finished_at = JobState.COMPLETED, 100.0, 2.0, 2.0
+    done.spool_path, done.worker, done.device, done.audio_duration_s = None, "cpu0", "cpu", 12.5
+    store.save_transition(done, JobState.PROCESSING, JobEvent.COMPLETE, Transcript("en", 1.0, 1.0, "x", []))
+    failed = jobs[1]
+    failed.state, failed.error, failed.retries, failed.word_timestamps = JobState.FAILED, "no audio", 2, False
+    store.save_transition(failed, JobState.PROCESSING, JobEvent.FAIL_FATAL)
+    views = store.views([], None, 10)
+    rows = [store.get(j.id) for j in jobs]
+    assert msgspec.json.encode(views) == msgspec.json.encode([r.view() for r in rows if r is not None])
+    assert [v.state for v in views] == [JobState.COMPLETED, JobState.FAILED, JobState.PENDING]
+    assert all(type(v.state) is JobState and type(v.word_timestamps) is bool for v in views)
+    store.close()
+
+
+def test_newest_ids_come_by_state_oldest_first_within_the_limit(tmp_path: Path) -> None:
+    store, spool = SqliteStore(tmp_path / "jobs.sqlite3"), Spool(tmp_path / "spool")
+    jobs = store.insert_jobs([new_job(spooled(spool, tmp_path)) for _ in range(6)], now=1.0)
+    for job in jobs[1::2]:
+        job.state, job.worker, job.updated_at = JobState.PROCESSING, "cpu0", 2.0
+        store.save_transition(job, JobState.PENDING, JobEvent.DISPATCH)
+    ids = [j.id for j in jobs]
+    assert store.newest_ids(None, 4) == ids[2:]
+    assert store.newest_ids(JobState.PENDING, 2) == [ids[2], ids[4]]
+    assert store.newest_ids(JobState.PROCESSING, 10) == [ids[1], ids[3], ids[5]]
+    assert store.newest_ids(JobState.COMPLETED, 10) == []
+    store.close()
 
 
 def test_spool_refuses_empty_and_oversized_audio_and_cleans_up(tmp_path: Path) -> None:
