@@ -13,7 +13,8 @@ import msgspec
 from whisperd.errors import NotFound, StorageError
 from whisperd.jobs import JobEvent, JobState, retry_delay_s, transition
 from whisperd.ledger import Ledger, UserFigures
-from whisperd.protocol import MAX_STATUS_LIMIT, JobView, Transcript, printable
+from whisperd.listings import Listings
+from whisperd.protocol import JobView, Transcript, printable
 from whisperd.scheduling import Lane, QueuedJob, Waiting
 from whisperd.spool import Spool
 from whisperd.store import JobRow, NewJob, Store
@@ -22,7 +23,6 @@ log = logging.getLogger("whisperd.jobs")
 
 Publish = Callable[[JobView], None]
 TransitionHook = Callable[[JobRow, JobState, JobEvent], None]
-_FINISHED_VIEWS = MAX_STATUS_LIMIT  # views of finished jobs kept for listings: about 5 MB
 
 
 class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
@@ -69,9 +69,7 @@ class JobRegistry:
         self._publish_view = publish
         self._on_transition = on_transition
         self._live: dict[int, JobRow] = {}
-        # Views of finished jobs (they never change) that listings read, the latest _FINISHED_VIEWS: the
-        # newest finished jobs are listed again and again, and each row read from the store costs a few µs.
-        self._finished_views: dict[int, JobView] = {}
+        self._listings = Listings(store, self._live)
         self._counts: Counter[JobState] = Counter()  # kept as jobs move, so reading it costs nothing
         # Waiting jobs (PENDING, RETRYING) by id, in the order they were (re)queued: the first is the oldest.
         self._waiting: dict[int, float] = {}
@@ -131,38 +129,8 @@ class JobRegistry:
         return self._store.transcript(job_id)
 
     def select(self, ids: Sequence[int], state: JobState | None, limit: int) -> list[JobView]:
-        """What clients see of the jobs named (all of them, each must exist, in the order asked), else of the
-        newest `limit`, oldest first; optionally of one state. Live jobs come from memory (their latest
-        progress), the others' views from the store; the newest are found by the store's indexes, so a
-        listing costs what it returns, not the length of the queue."""
-        live = self._live
-        if ids:  # not from the views kept: retention may have deleted a finished job since
-            wanted = list(dict.fromkeys(ids))
-            found = self._stored_views(wanted, {})
-            missing = [i for i in ids if i not in live and i not in found]
-            if missing:
-                raise NotFound(f"no job {', '.join(map(str, missing))}")
-            views = [live[i].view() if i in live else found[i] for i in wanted]
-            return [v for v in views if state is None or v.state is state]
-        newest = self._store.newest_ids(state, limit)  # these exist: the views kept may serve them
-        found = self._stored_views(newest, self._finished_views)
-        # .get: retention (in a thread) may have deleted a finished job between the two reads
-        newest_views = [live[i].view() if i in live else found.get(i) for i in newest]
-        return [v for v in newest_views if v is not None and (state is None or v.state is state)]
-
-    def _stored_views(self, ids: Sequence[int], kept: Mapping[int, JobView]) -> dict[int, JobView]:
-        """Views of those of these jobs that are not live: from `kept`, else from the store (one query, none
-        if all are live or kept). The finished ones read are kept for the next listing."""
-        found = {i: kept[i] for i in ids if i in kept}
-        stored = [i for i in ids if i not in self._live and i not in found]
-        if stored:
-            for view in self._store.views(stored, None, len(stored)):
-                found[view.id] = view
-                if view.state.terminal:
-                    self._finished_views[view.id] = view
-            while len(self._finished_views) > _FINISHED_VIEWS:  # the longest kept go first
-                del self._finished_views[next(iter(self._finished_views))]
-        return found
+        """What clients see of the jobs named, else of the newest `limit`: see Listings.select."""
+        return self._listings.select(ids, state, limit)
 
     def counts(self) -> dict[str, int]:
         return {s.value: self._counts[s] for s in JobState}
