@@ -13,7 +13,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from tests.support.inprocess import FakeClock, build, submit, until
+from tests.support.inprocess import FakeClock, build, run_started, submit, until
 from whisperd import protocol as p
 from whisperd import workerproto as wp
 from whisperd.app import App
@@ -101,17 +101,7 @@ def scenario(
     clock = FakeClock()
     app = build(tmp_path, cfg, clock=clock, config_loader=config_loader)
 
-    async def main() -> None:
-        await app.daemon.start()
-        try:
-            await body(Rig(app, clock, tmp_path))
-        finally:
-            await app.drain(5)
-
-    try:
-        asyncio.run(asyncio.wait_for(main(), 30))
-    finally:
-        app.store.close()
+    run_started(app, lambda: body(Rig(app, clock, tmp_path)), 30)
 
 
 # ---- placement -------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ real daemon on a small tmpfs filled up (as root), and a cancel of thousands of j
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import sqlite3
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.support.daemon import DaemonProcess
-from tests.support.inprocess import FakeClock, FakeProbe, fake_worker_spawner, submit, until
+from tests.support.inprocess import FakeClock, FakeProbe, fake_worker_spawner, run_started, submit, until
 from whisperctl.client import RemoteError
 from whisperd import protocol as p
 from whisperd.app import App
@@ -78,17 +77,7 @@ def make_app(tmp_path: Path, store: SqliteStore, cfg: Config, clock: FakeClock) 
 
 
 def run(app: App, body: Callable[[], Awaitable[None]]) -> None:
-    async def main() -> None:
-        await app.daemon.start()
-        try:
-            await body()
-        finally:
-            await app.drain(5)
-
-    try:
-        asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        app.store.close()
+    run_started(app, body, 60)
 
 
 async def submit_fd(app: App, tmp_path: Path, caller: Caller = USER) -> p.Reply:

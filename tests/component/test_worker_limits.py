@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.inprocess import FakeClock, build, submit
+from tests.support.inprocess import FakeClock, build, run_started, submit
 from whisperd.app import App
 from whisperd.config import Config, SchedulerConfig, WorkersConfig
 from whisperd.jobs import JobState
@@ -60,17 +60,7 @@ def scenario(tmp_path: Path, cfg: Config, body: Callable[[Rig], Awaitable[None]]
     clock = FakeClock()
     app = build(tmp_path, cfg, clock=clock)
 
-    async def main() -> None:
-        await app.daemon.start()
-        try:
-            await body(Rig(app, clock, tmp_path))
-        finally:
-            await app.drain(5)
-
-    try:
-        asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        app.store.close()
+    run_started(app, lambda: body(Rig(app, clock, tmp_path)), 60)
 
 
 def retries(cfg: Config, max_retries: int) -> Config:

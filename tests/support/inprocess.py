@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +119,19 @@ async def until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
     async with asyncio.timeout(timeout_s):
         while not condition():
             await asyncio.sleep(0.01)
+
+
+def run_started(app: App, body: Callable[[], Awaitable[None]], timeout_s: float = 30.0) -> None:
+    """Start the app's daemon, run body on its loop, drain, close the store: fail, never hang."""
+
+    async def main() -> None:
+        await app.daemon.start()
+        try:
+            await body()
+        finally:
+            await app.drain(5)
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), timeout_s))
+    finally:
+        app.store.close()
