@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from tests.component.test_control import as_user
 from tests.support.daemon import DaemonProcess
+from tests.support.users import as_user
 from whisperctl.client import Client, RemoteError
 from whisperd import protocol as p
 from whisperd.jobs import JobState

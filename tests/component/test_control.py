@@ -9,13 +9,13 @@ import shutil
 import signal
 import socket
 import sqlite3
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.daemon import DaemonProcess
+from tests.support.users import as_user
 from whisperctl.client import RemoteError
 from whisperd.jobs import JobState
 
@@ -38,30 +38,6 @@ def raw(daemon: DaemonProcess, *lines: bytes) -> list[dict[str, Any]]:
             reply, _, buffer = buffer.partition(b"\n")
             replies.append(json.loads(reply))
         return replies
-
-
-def as_user(uid: int, action: Callable[[], object]) -> Any:
-    """Run action in a forked child that has dropped to uid; return its result or its error code."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: no exec, so the test's imports (and the venv behind /root) stay usable
-        os.close(read_end)
-        try:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            try:
-                result: Any = {"ok": action()}
-            except RemoteError as exc:
-                result = {"error": exc.code, "message": exc.message}
-            os.write(write_end, json.dumps(result, default=str).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        data = pipe.read()
-    os.waitpid(pid, 0)
-    return json.loads(data)
 
 
 def audio_file(daemon: DaemonProcess, speech: dict[str, Path], name: str = "fox") -> Path:

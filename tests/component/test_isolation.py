@@ -4,8 +4,6 @@ inherited and whatever modes an older install left; and one state dir serves one
 
 from __future__ import annotations
 
-import errno
-import json
 import os
 import pwd
 import secrets
@@ -23,8 +21,8 @@ from typing import Any
 
 import pytest
 
+from tests.support import users
 from tests.support.daemon import DaemonProcess
-from whisperctl.client import RemoteError
 from whisperd import protocol as p
 from whisperd.errors import StateDirError
 from whisperd.jobs import JobState
@@ -62,32 +60,7 @@ def stranger() -> Iterator[Stranger]:
 
 
 def as_user(who: Stranger, action: Callable[[], object], groups: list[int] | None = None) -> Any:
-    """Run action in a forked child that has dropped to the user (with `groups` as its supplementary
-    groups); return {"ok": result}, {"error": protocol code} or {"os_error": errno name}."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: no exec, so the test's imports stay usable
-        os.close(read_end)
-        try:
-            os.setgroups(groups or [])
-            os.setgid(who.gid)
-            os.setuid(who.uid)
-            try:
-                result: Any = {"ok": action()}
-            except RemoteError as exc:
-                result = {"error": exc.code}
-            except OSError as exc:
-                result = {"os_error": errno.errorcode.get(exc.errno or 0, str(exc))}
-            except BaseException as exc:
-                result = {"unexpected": repr(exc)}
-            os.write(write_end, json.dumps(result, default=str).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        data = pipe.read()
-    os.waitpid(pid, 0)
-    return json.loads(data)
+    return users.as_user(who.uid, action, gid=who.gid, groups=groups or [])
 
 
 @pytest.fixture
