@@ -156,11 +156,13 @@ def fill(state: Path, clip: Path, jobs: int) -> float:
                 os.link(source(i), path)
                 at = now + 1 + i * 1e-6  # FIFO by id
                 owner, priority = OWNERS[i % len(OWNERS)], PRIORITIES[(i // 7) % len(PRIORITIES)]
-                yield f"clip{i}.wav", owner, priority, str(path), at, at, at
+                yield f"clip{i}.wav", owner, priority, str(path), clip_bytes, at, at, at
 
+        clip_bytes = clip.stat().st_size
         db.executemany(
-            "INSERT INTO jobs (state, model, task, filename, owner_uid, priority, spool_path, created_at,"
-            " updated_at, queued_at) VALUES ('PENDING', 'tiny.en', 'transcribe', ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO jobs (state, model, task, filename, owner_uid, priority, spool_path, spool_bytes,"
+            " created_at, updated_at, queued_at)"
+            " VALUES ('PENDING', 'tiny.en', 'transcribe', ?, ?, ?, ?, ?, ?, ?, ?)",
             pending(),
         )
     return time.monotonic() - started

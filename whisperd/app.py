@@ -14,11 +14,14 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 from whisperd import protocol as p
 from whisperd.config import Config
 from whisperd.daemon import Daemon
+from whisperd.durability import Checkpoints, GroupCommit
+from whisperd.errors import StorageError
 from whisperd.estimates import MemoryEstimates, baseline_from_config
 from whisperd.fleet import Fleet
 from whisperd.gpupool import DevicePool
 from whisperd.gpuprobe import GpuProbe
 from whisperd.handlers import Handlers
+from whisperd.jobs import JobEvent, JobState
 from whisperd.metrics import SystemCollector, gpu_collectors
 from whisperd.monitors import Monitors
 from whisperd.outcomes import WorkerOutcomes
@@ -27,7 +30,7 @@ from whisperd.retention import Pruner, Retention
 from whisperd.settings import retry_policy, worker_limits
 from whisperd.spool import Spool
 from whisperd.spooling import Spooler
-from whisperd.store import Store
+from whisperd.store import JobRow, Store
 from whisperd.supervisor import Spawner
 from whisperd.telemetry import Telemetry
 from whisperd.threads import DaemonThreadPool
@@ -56,10 +59,20 @@ class App:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series: noise in every scrape
         self.system_metrics = CollectorRegistry(auto_describe=False)
         self.telemetry = Telemetry(self.system_metrics)
+        # Commits are not synced on the loop: a flush in a thread of its own makes them durable, shared by
+        # every submit waiting meanwhile; the daemon's own commits (results, dispatches) ask for one, no wait.
+        flush = DaemonThreadPool(1, "flush")
+        self.durability = GroupCommit(spool.sync_directory, store.sync, spool.discard, flush)
+        self.checkpoints = Checkpoints(store.checkpoint, store.restart_log, DaemonThreadPool(1, "checkpoint"))
+
+        def committed(job: JobRow, old: JobState, event: JobEvent) -> None:
+            self.telemetry.job_transition(job, old, event)
+            self.durability.request()
+
         self.registry = JobRegistry(
             store, spool, clock, retry_policy(config),
             publish=lambda view: self.watchers.publish(p.JobEventReply(job=view)),
-            on_transition=self.telemetry.job_transition,
+            on_transition=committed, discard=self.durability.discard_when_durable,
         )  # fmt: skip
         self.estimates = MemoryEstimates(baseline_from_config(config), clock)
         # Blocking calls off the loop, each kind in threads of its own: a read that never returns (a hung
@@ -82,7 +95,7 @@ class App:
         self.handlers = Handlers(
             self.registry, spool, self.fleet, self.views, config=lambda: self.daemon.config,
             is_draining=lambda: self.daemon.draining, wake=wake, daemon_uid=os.geteuid(),
-            spooler=self.spooler,
+            spooler=self.spooler, durable=self.durability.durable,
         )  # fmt: skip
         self.monitors = Monitors(
             probe, self.pool, self.views, self.fleet.abandon_device, self.watchers.publish, nvml=self.nvml
@@ -105,6 +118,7 @@ class App:
         """The loop and the monitors, until a stop signal."""
         sched = self.daemon.config.scheduler
         monitors = self.monitors.start(sched.gpu_monitor_interval_s, sched.performance_monitor_interval_s)
+        monitors.append(asyncio.create_task(self.checkpoints.run()))
         if self.retention is not None:
             monitors.append(asyncio.create_task(self.retention.run()))
         try:
@@ -119,3 +133,5 @@ class App:
     async def drain(self, timeout_s: float) -> None:
         await self.daemon.drain(timeout_s)
         self.watchers.close()
+        with contextlib.suppress(StorageError):  # logged by the flush; the store's close syncs what it can
+            await self.durability.durable()  # the last results, and the audio of the jobs they ended removed

@@ -19,7 +19,6 @@ from whisperd.fleet import Fleet
 from whisperd.gpupool import CPU, DevicePool
 from whisperd.gpuprobe import GpuProbe
 from whisperd.jobs import JobEvent
-from whisperd.ledger import spool_sizes
 from whisperd.registry import JobRegistry
 from whisperd.scheduling import Placement, plan
 from whisperd.settings import job_spec, plan_settings, retry_policy
@@ -58,13 +57,16 @@ class Daemon:
         self._stop_signal: int | None = None
         self._stop = asyncio.Event()
         self.draining = False
+        self._tidying: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Recover the queue, read the devices, start the workers and wait until they are up."""
+        started_at = time.time()  # wall clock, as the spool files' times are
+        if measured := await asyncio.to_thread(self._registry.measure_spools):
+            log.info("measured the spooled audio of %d jobs queued by an older release", measured)
         self._registry.recover()
-        # Spool sizes are not stored: measured again for the per-user limits, off the loop.
-        sizes = await asyncio.to_thread(spool_sizes, self._registry.live_spool_paths())
-        self._registry.record_spool_sizes(sizes)
+        # Orphans are few and harm nothing meanwhile: found after the start, off the loop, not before it.
+        self._tidying = asyncio.create_task(self._remove_orphan_spools(started_at))
         readings = []
         loop = asyncio.get_running_loop()
         if self.config.gpu.enabled and await loop.run_in_executor(self._nvml, self._probe.start):
@@ -78,10 +80,19 @@ class Daemon:
             log.warning("no workers configured: jobs will wait until workers are configured")
         up = await self._fleet.wait_ready(self.config.workers.start_timeout_s)
         log.info("%d workers up", up)
-        unserved = sorted({j.model for j in self._registry.live()} - set(self.config.models))
+        unserved = sorted(self._registry.models_in_use() - set(self.config.models))
         if unserved:  # they stay queued: nothing accepted is dropped because the config changed
             log.warning("queued jobs name models the configuration does not serve (%s): they wait until "
                         "[models] names them again, or are cancelled", ", ".join(unserved))  # fmt: skip
+
+    async def _remove_orphan_spools(self, before: float) -> None:
+        try:
+            removed = await asyncio.to_thread(self._registry.remove_orphan_spools, before)
+        except (OSError, WhisperdError) as exc:  # they stay, harmless, until a later start
+            log.warning("could not look for orphan spool files: %s", getattr(exc, "message", exc))
+            return
+        if removed:
+            log.info("removed %d orphan spool files (of submits that never committed)", removed)
 
     # ---- signals -------------------------------------------------------------------------------------
 
@@ -112,10 +123,10 @@ class Daemon:
         except WhisperdError as exc:
             log.error("SIGHUP: configuration not reloaded, the running one stays: %s", exc.message)
             return
-        for job in self._registry.live():  # a model with jobs still queued or running stays served
-            if job.model not in config.models and job.model in self.config.models:
-                config.models[job.model] = self.config.models[job.model]
-                refused.append(f"models.{job.model} (jobs still use it)")
+        for model in sorted(self._registry.models_in_use()):  # a model still queued or running stays served
+            if model not in config.models and model in self.config.models:
+                config.models[model] = self.config.models[model]
+                refused.append(f"models.{model} (jobs still use it)")
         self.config = config
         self._estimates.replace_baseline(baseline_from_config(config))
         self._registry.policy = retry_policy(config)
@@ -187,6 +198,8 @@ class Daemon:
         (a job still PROCESSING goes back to the queue at the next start)."""
         self.draining = True
         await self._fleet.stop(timeout_s)
+        if self._tidying is not None:  # its thread reads the store, which closes after the drain
+            await self._tidying
         if not self._registry.retry_deferred():  # those jobs are still PROCESSING in the store: run again
             log.error("%d job changes could not be committed before the stop; their jobs run again at the "
                       "next start", self._registry.uncommitted())  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class WhisperdError(Exception):
     """Base of every error whisperd raises on purpose; `code` is what the protocol reports."""
@@ -104,3 +106,11 @@ class ProtocolError(WhisperdError):
     """The peer broke the framing or sent something undecodable; raised on the client side too."""
 
     code = "protocol_error"
+
+
+def os_storage_error(exc: OSError, doing: str) -> StorageError:
+    """What a failed fsync or write of the state dir means to the caller: a full disk or quota is
+    StorageFull, anything else (EIO, ...) a StorageError; both are worth a retry later."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull(f"no space left to {doing}: {exc.strerror}")
+    return StorageError(f"cannot {doing}: {exc.strerror or exc}")

@@ -52,6 +52,10 @@ def may_control(owner_uid: int, caller_uid: int, daemon_uid: int) -> bool:
     return caller_uid == owner_uid or is_privileged(caller_uid, daemon_uid)
 
 
+async def _nothing_to_wait_for() -> None:
+    return None
+
+
 class Handlers:
     def __init__(
         self,
@@ -65,9 +69,11 @@ class Handlers:
         daemon_uid: int,
         spooler: Spooler | None = None,
         free_bytes: Callable[[], int] | None = None,
+        durable: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """config: the running configuration, read afresh per request (a reload replaces it). spooler: copies
-        audio into the spool in threads of its own (None: a pool of the default daemon.spool_threads)."""
+        audio into the spool in threads of its own (None: a pool of the default daemon.spool_threads).
+        durable: returns once every commit so far is durable (GroupCommit.durable; None: none waited for)."""
         self._registry = registry
         self._spool = spool
         self._spooler = spooler or Spooler(spool, DaemonThreadPool(DaemonConfig().spool_threads, "spool"))
@@ -79,6 +85,7 @@ class Handlers:
         self._is_draining = is_draining
         self._wake = wake
         self._uid = daemon_uid
+        self._durable = durable or _nothing_to_wait_for
         self._table: dict[type[Any], Callable[[Any, Caller, list[int]], Awaitable[p.Reply]]] = {
             p.Ping: self.ping,
             p.Submit: self.submit,
@@ -129,13 +136,13 @@ class Handlers:
             self._check_user_limits(caller, config, len(request.files), sum(sizes.values()))
             new_jobs = [
                 NewJob(
-                    spool_path=path, filename=f.name, owner_uid=caller.uid, model=model,
+                    spool_path=path, spool_bytes=sizes[i], filename=f.name, owner_uid=caller.uid, model=model,
                     language=request.language, task=request.task, priority=request.priority,
                     word_timestamps=request.word_timestamps,
                 )
-                for path, f in zip(spooled, request.files, strict=True)
+                for i, (path, f) in enumerate(zip(spooled, request.files, strict=True))
             ]  # fmt: skip
-            records = self._registry.add(new_jobs, [sizes[i] for i in range(len(spooled))])
+            records = self._registry.add(new_jobs)
         except BaseException:
             for path in spooled:
                 self._spool.discard(path)
@@ -144,8 +151,13 @@ class Handlers:
             for fd, owned in sources:
                 if owned:
                     os.close(fd)
+        reply = p.Jobs(jobs=[r.view() for r in records])  # as committed: they may be dispatched meanwhile
         self._wake()
-        return p.Jobs(jobs=[r.view() for r in records])
+        # No reply before the jobs are durable (one flush shared with every submit meanwhile). If the flush
+        # fails the caller gets its storage error, though the jobs are committed: they stay queued and run,
+        # but the caller never learns their ids (docs/architecture.md, the walk of a job).
+        await self._durable()
+        return reply
 
     def _check_priority(self, priority: int, caller: Caller, config: Config) -> None:
         """Lowering one's priority is anyone's right; raising it above the configured maximum is not."""

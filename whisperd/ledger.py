@@ -2,18 +2,18 @@
 model), oldest first, for the scheduler; and each user's figures (jobs waiting and running, jobs finished
 and audio seconds done since start, bytes of spooled audio, when last served) for the submit limits and
 `stats`. The registry, the one writer of job state, tells it each committed change; nothing here is
-stored, so recovery rebuilds it (spool sizes by stat of the spool files, in a thread)."""
+stored, so recovery rebuilds it from the store's totals and its queue (one index-only scan)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 
 import msgspec
 
 from whisperd.jobs import JobEvent, JobState
-from whisperd.store import JobRow
+from whisperd.store import JobRow, QueueEntry, UserTotal
 
 LaneKey = tuple[int, int, str]  # priority, owner uid, model
 
@@ -29,29 +29,50 @@ class UserFigures(msgspec.Struct, kw_only=True):
 
 class Ledger:
     def __init__(self) -> None:
-        # Each lane is a dict used as an ordered set: O(1) to append, to remove any job, and to read the head.
-        self._lanes: dict[LaneKey, dict[int, JobRow]] = {}
+        # Each lane maps its PENDING jobs' ids to when they were queued, in that order (a dict keeps it): O(1)
+        # to append, to remove any job and to read the head, and about 100 bytes a job, so a million fit.
+        self._lanes: dict[LaneKey, dict[int, float]] = {}
         self._users: dict[int, UserFigures] = {}
-        self._spool_bytes: dict[int, int] = {}  # live job -> bytes of its spooled audio
         self._stamp = 0
 
     # ---- told by the registry ------------------------------------------------------------------------
 
+    def load(self, totals: Iterable[UserTotal], queue: Iterable[Sequence[QueueEntry]]) -> None:
+        """At start: each user's live jobs and spooled bytes, and the PENDING jobs oldest first."""
+        for total in totals:
+            user = self._users.setdefault(total.owner_uid, UserFigures())
+            user.spool_bytes += total.spool_bytes
+            if total.state in (JobState.PENDING, JobState.RETRYING):
+                user.waiting_jobs += total.jobs
+            elif total.state is JobState.PROCESSING:
+                user.running_jobs += total.jobs
+        lanes = self._lanes
+        for chunk in queue:
+            for job_id, priority, owner_uid, model, queued_at in chunk:
+                key = (priority, owner_uid, model)
+                lane = lanes.get(key)
+                if lane is None:
+                    lane = lanes[key] = {}
+                lane[job_id] = queued_at
+
     def moved(self, job: JobRow, old: JobState | None, event: JobEvent | None) -> None:
-        """After a committed change of state (old None: a new or recovered job, entering its state)."""
+        """After a committed change of state (old None: a new job, entering its state)."""
         user = self._users.setdefault(job.owner_uid, UserFigures())
         if old is None:
-            self._spool_bytes.setdefault(job.id, 0)
+            user.spool_bytes += job.spool_bytes or 0
         elif old is JobState.PENDING:
-            self._lane(job).pop(job.id, None)
-            self._drop_empty_lane(job)
+            key = (job.priority, job.owner_uid, job.model)
+            lane = self._lanes.get(key, {})
+            lane.pop(job.id, None)
+            if not lane:
+                self._lanes.pop(key, None)
         if old in (JobState.PENDING, JobState.RETRYING):
             user.waiting_jobs -= 1
         elif old is JobState.PROCESSING:
             user.running_jobs -= 1
         new = job.state
-        if new is JobState.PENDING:
-            self._lane(job)[job.id] = job  # to the tail: FIFO within the lane
+        if new is JobState.PENDING:  # to the tail: FIFO within the lane
+            self._lanes.setdefault((job.priority, job.owner_uid, job.model), {})[job.id] = job.queued_at
         if new in (JobState.PENDING, JobState.RETRYING):
             user.waiting_jobs += 1
         elif new is JobState.PROCESSING:
@@ -61,16 +82,9 @@ class Ledger:
                 user.last_served = self._stamp
         elif new.terminal:
             user.finished_jobs += 1
-            user.spool_bytes -= self._spool_bytes.pop(job.id, 0)
+            user.spool_bytes -= job.spool_bytes or 0
             if new is JobState.COMPLETED:
                 user.audio_seconds += job.audio_duration_s or 0.0
-
-    def spooled(self, job: JobRow, size_bytes: int) -> None:
-        """The size of a live job's spooled audio: told at submit, or measured at recovery."""
-        if job.id in self._spool_bytes:  # not finished meanwhile
-            user = self._users.setdefault(job.owner_uid, UserFigures())
-            user.spool_bytes += size_bytes - self._spool_bytes[job.id]
-            self._spool_bytes[job.id] = size_bytes
 
     # ---- reads ---------------------------------------------------------------------------------------
 
@@ -86,30 +100,32 @@ class Ledger:
     def last_served(self) -> dict[int, int]:
         return {uid: f.last_served for uid, f in self._users.items() if f.last_served}
 
-    def lanes(self, take: int) -> Iterator[tuple[LaneKey, int, list[JobRow]]]:
-        """Each lane of PENDING jobs: its key, its length and its first `take` jobs (oldest first); costs
-        the number of lanes plus the jobs returned, not the length of the queue."""
+    def lanes(self, take: int) -> Iterator[tuple[LaneKey, int, list[tuple[int, float]]]]:
+        """Each lane of PENDING jobs: its key, its length and its first `take` (id, queued_at), oldest first;
+        costs the number of lanes plus the jobs returned, not the length of the queue."""
         for key, jobs in self._lanes.items():
-            yield key, len(jobs), list(islice(jobs.values(), take))
+            yield key, len(jobs), list(islice(jobs.items(), take))
 
-    # ---- helpers -------------------------------------------------------------------------------------
+    def is_pending(self, job_id: int, key: LaneKey) -> bool:
+        return job_id in self._lanes.get(key, ())
 
-    def _lane(self, job: JobRow) -> dict[int, JobRow]:
-        return self._lanes.setdefault((job.priority, job.owner_uid, job.model), {})
+    def oldest_pending_since(self) -> float | None:
+        """When the PENDING job that has waited longest was queued: the oldest head of the lanes."""
+        return min((next(iter(lane.values())) for lane in self._lanes.values()), default=None)
 
-    def _drop_empty_lane(self, job: JobRow) -> None:
-        key = (job.priority, job.owner_uid, job.model)
-        if not self._lanes.get(key, True):
-            del self._lanes[key]
+    def pending_models(self) -> set[str]:
+        return {model for _priority, _uid, model in self._lanes}
+
+
+def spool_size(path: str) -> int:
+    """Bytes of a spooled file; blocking (a stat), so run it in a thread. A file that is gone counts 0: its
+    job fails when it runs."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
 
 
 def spool_sizes(paths: Mapping[int, str]) -> dict[int, int]:
-    """Bytes of each job's spooled audio, by job id; blocking (one stat each), so run it in a thread. A
-    file that is gone counts 0: its job fails when it runs."""
-    sizes: dict[int, int] = {}
-    for job_id, path in paths.items():
-        try:
-            sizes[job_id] = os.stat(path).st_size
-        except OSError:
-            sizes[job_id] = 0
-    return sizes
+    """Bytes of each job's spooled audio, by job id; blocking, so run it in a thread."""
+    return {job_id: spool_size(path) for job_id, path in paths.items()}

@@ -12,7 +12,7 @@ import msgspec
 
 from whisperd.errors import NotFound, StorageError
 from whisperd.jobs import JobEvent, JobState, retry_delay_s, transition
-from whisperd.ledger import Ledger, UserFigures
+from whisperd.ledger import Ledger, UserFigures, spool_size
 from whisperd.listings import Listings
 from whisperd.protocol import JobView, Transcript, printable
 from whisperd.scheduling import Lane, QueuedJob, Waiting
@@ -60,19 +60,23 @@ class JobRegistry:
         policy: RetryPolicy,
         publish: Publish,
         on_transition: TransitionHook,
+        discard: Callable[[str | None], None] | None = None,
     ) -> None:
-        """publish: every change a watcher should see; on_transition: each committed transition."""
+        """publish: every change a watcher should see; on_transition: each committed transition; discard: a
+        finished job's audio, once its last commit is durable (None: at once, spool.discard)."""
         self._store = store
         self._spool = spool
+        self._discard = discard or spool.discard
         self._clock = clock
         self.policy = policy  # replaced on reload
-        self._publish_view = publish
+        self._publish_watchers = publish
         self._on_transition = on_transition
+        # Live jobs out of the queue (PROCESSING, RETRYING): the few that workers and backoffs hold, kept
+        # whole. PENDING jobs live in the store; the ledger's lanes keep a few scalars of each for the plan,
+        # so a queue of a million costs about 100 bytes a job here, and a dispatch reads its rows.
         self._live: dict[int, JobRow] = {}
         self._listings = Listings(store, self._live)
         self._counts: Counter[JobState] = Counter()  # kept as jobs move, so reading it costs nothing
-        # Waiting jobs (PENDING, RETRYING) by id, in the order they were (re)queued: the first is the oldest.
-        self._waiting: dict[int, float] = {}
         self._retrying: dict[int, JobRow] = {}  # so a round reads the few in backoff, not every live job
         self._avoid_devices: dict[int, frozenset[str]] = {}  # live job -> devices it ran out of memory on
         self._deferred: dict[int, _Deferred] = {}  # live job -> its transition the store refused, in order
@@ -82,18 +86,17 @@ class JobRegistry:
     # ---- start-up ------------------------------------------------------------------------------------
 
     def recover(self) -> int:
-        """Load the live jobs; a job that was PROCESSING when the daemon stopped goes back to the queue."""
+        """Load the live jobs; a job that was PROCESSING when the daemon stopped goes back to the queue.
+        Reads the PENDING ones as lane entries only (one index-only scan), the others whole."""
         self._counts = Counter(self._store.count_by_state())
+        self._ledger.load(self._store.user_totals(), self._store.queue())
         interrupted = []
-        for job in sorted(self._store.live_jobs(), key=lambda j: j.queued_at):
+        for job in self._store.jobs_in((JobState.PROCESSING, JobState.RETRYING)):
             self._live[job.id] = job
-            self._ledger.moved(job, None, None)
             if job.state is JobState.PROCESSING:
                 interrupted.append(job)
             else:
-                self._waiting[job.id] = job.queued_at
-                if job.state is JobState.RETRYING:
-                    self._retrying[job.id] = job
+                self._retrying[job.id] = job
         try:  # after the waiting ones, whose places in the queue stay theirs; one commit for them all
             self.apply_many(interrupted, JobEvent.REQUEUE, error=None)
         except StorageError as exc:
@@ -102,24 +105,33 @@ class JobRegistry:
             self.note_store_error(exc)
             for job in interrupted:
                 self._deferred[job.id] = _Deferred(job.state, JobEvent.REQUEUE, None, {"error": None})
-        requeued = len(interrupted)
-        removed = self._spool.remove_orphans(self._store.spool_names_in_use())
-        log.info("recovered %d live jobs (%d were processing); removed %d orphan spool files",
-                 len(self._live), requeued, removed)  # fmt: skip
-        return requeued
+        log.info("recovered %d live jobs (%d were processing)", self.live_count(), len(interrupted))
+        return len(interrupted)
+
+    def measure_spools(self) -> int:
+        """Store the spool sizes an older release did not; blocking: in a thread, before recover()."""
+        return self._store.measure_spools(spool_size)
+
+    def remove_orphan_spools(self, before: float) -> int:
+        """Spool files no live job needs, written before `before` (wall clock); blocking: in a thread."""
+        return self._spool.remove_orphans(self._store.spool_names_in_use(), before)
 
     # ---- reads ---------------------------------------------------------------------------------------
 
-    def live(self) -> list[JobRow]:
+    def held(self) -> list[JobRow]:
+        """The live jobs out of the queue (PROCESSING, RETRYING): the PENDING ones are in the store."""
         return list(self._live.values())
 
-    def pending(self) -> list[JobRow]:
-        return [j for j in self._live.values() if j.state is JobState.PENDING]
+    def live_count(self) -> int:
+        return sum(self._counts[s] for s in JobState if not s.terminal)
 
     def find_live(self, job_id: int) -> JobRow | None:
+        """A PROCESSING or RETRYING job (None for any other)."""
         return self._live.get(job_id)
 
     def get(self, job_id: int) -> JobRow:
+        """The job as it is now: from memory if held, else read from the store (a PENDING job's row is read
+        afresh each time; apply it before the next await, as every caller does)."""
         job = self._live.get(job_id) or self._store.get(job_id)
         if job is None:
             raise NotFound(f"no job {job_id}")
@@ -136,8 +148,16 @@ class JobRegistry:
         return {s.value: self._counts[s] for s in JobState}
 
     def oldest_waiting_since(self) -> float | None:
-        """When the job that has waited longest was queued (None when nothing waits); constant time."""
-        return next(iter(self._waiting.values()), None)
+        """When the job that has waited longest was queued or began its backoff (None when nothing waits);
+        costs the number of lanes and of jobs in backoff, not the length of the queue."""
+        heads = [j.updated_at for j in self._retrying.values()]
+        if (pending := self._ledger.oldest_pending_since()) is not None:
+            heads.append(pending)
+        return min(heads, default=None)
+
+    def models_in_use(self) -> set[str]:
+        """Models of the live jobs: a model still queued or running stays served."""
+        return self._ledger.pending_models() | {j.model for j in self._live.values()}
 
     def waiting_count(self) -> int:
         """Jobs waiting for a worker (PENDING or RETRYING): what the queue limit bounds."""
@@ -158,42 +178,29 @@ class JobRegistry:
         each with its length and first `take` jobs, and when each user was last served (the turns)."""
         lanes = tuple(
             Lane(priority=priority, owner_uid=uid, model=model, count=count, jobs=tuple(
-                QueuedJob(id=j.id, model=j.model, priority=j.priority, queued_at=j.queued_at,
-                          owner_uid=j.owner_uid, avoid_devices=self.avoided_devices(j.id))
-                for j in first
+                QueuedJob(id=job_id, model=model, priority=priority, queued_at=queued_at, owner_uid=uid,
+                          avoid_devices=self.avoided_devices(job_id))
+                for job_id, queued_at in first
             ))
             for (priority, uid, model), count, first in self._ledger.lanes(take)
             if model in models
         )  # fmt: skip
         return Waiting(lanes=lanes, last_served=self._ledger.last_served())
 
-    def live_spool_paths(self) -> dict[int, str]:
-        return {j.id: j.spool_path for j in self._live.values() if j.spool_path is not None}
-
-    def record_spool_sizes(self, sizes: Mapping[int, int]) -> None:
-        """Sizes of live jobs' spooled audio measured after recovery (they are not stored)."""
-        for job_id, size in sizes.items():
-            if (job := self._live.get(job_id)) is not None:
-                self._ledger.spooled(job, size)
-
     # ---- writes --------------------------------------------------------------------------------------
 
-    def add(self, new_jobs: Sequence[NewJob], spool_bytes: Sequence[int] = ()) -> list[JobRow]:
-        """spool_bytes: the size of each new job's spooled audio, in order (the per-user limit counts it)."""
+    def add(self, new_jobs: Sequence[NewJob]) -> list[JobRow]:
         records = self._store.insert_jobs(new_jobs, self._clock())
-        for i, job in enumerate(records):
-            self._live[job.id] = job
+        for job in records:
             self._counts[job.state] += 1
-            self._waiting[job.id] = job.queued_at
             self._ledger.moved(job, None, None)
-            self._ledger.spooled(job, spool_bytes[i] if i < len(spool_bytes) else 0)
             log.info("job %d PENDING: %s (model %s)", job.id, printable(job.filename), job.model,
                      extra={"JOB_ID": job.id, "JOB_STATE": job.state.value, "MODEL": job.model})  # fmt: skip
-            self._publish_view(job.view())
+            self._publish(job.view())
         return records
 
     def avoid_device(self, job_id: int, device: str) -> None:
-        """The job ran out of memory there: place its retry elsewhere if anything else fits."""
+        """The job (PROCESSING) ran out of memory there: place its retry elsewhere if anything else fits."""
         if job_id in self._live:
             self._avoid_devices[job_id] = self.avoided_devices(job_id) | {device}
 
@@ -342,30 +349,34 @@ class JobRegistry:
 
     def _committed(self, step: _Step) -> None:
         job, old, event, spool = step.job, step.old, step.event, step.spool
-        new, now = job.state, job.updated_at
+        new = job.state
         self._deferred.pop(job.id, None)
         self._counts[old] -= 1
         self._counts[new] += 1
         self._ledger.moved(job, old, event)
-        self._waiting.pop(job.id, None)
-        if new in (JobState.PENDING, JobState.RETRYING):
-            self._waiting[job.id] = now  # to the tail, so the first entry stays the oldest
         if new is JobState.RETRYING:
             self._retrying[job.id] = job
         else:
             self._retrying.pop(job.id, None)
-        if new.terminal:
-            self._spool.discard(spool)  # only once the commit no longer needs it
+        if new in (JobState.PROCESSING, JobState.RETRYING):
+            self._live[job.id] = job
+        else:  # back in the queue (the store and the lanes have it) or finished
             self._live.pop(job.id, None)
+        if new.terminal:
+            self._discard(spool)  # only once the commit no longer needs it
             self._avoid_devices.pop(job.id, None)
         self._log_transition(job, old, new, event)
         self._on_transition(job, old, event)
-        self._publish_view(job.view())
+        self._publish(job.view())
 
     def set_progress(self, job: JobRow, progress: float, audio_duration_s: float) -> None:
         """Progress stays in memory (and reaches watchers); the store gets it with the next transition."""
         job.progress, job.audio_duration_s, job.updated_at = progress, audio_duration_s, self._clock()
-        self._publish_view(job.view())
+        self._publish(job.view())
+
+    def _publish(self, view: JobView) -> None:
+        self._listings.remember(view)
+        self._publish_watchers(view)
 
     @staticmethod
     def _log_transition(job: JobRow, old: JobState, new: JobState, event: JobEvent) -> None:

@@ -30,8 +30,10 @@ class Spool:
                     narrow_mode(Path(entry.path), PRIVATE_FILE_MODE, follow_symlinks=False)
 
     def copy_from_fd(self, fd: int, max_bytes: int) -> tuple[str, int]:
-        """Copy an open file into the spool and fsync it and its directory entry; blocking, so the daemon
-        runs it in a thread. Only regular files: a pipe or a device could block or fill the spool forever."""
+        """Copy an open file into the spool and fsync its data; blocking, so the daemon runs it in a thread.
+        Its name is made durable by sync_directory(), once for every copy made meanwhile (the durability
+        barrier runs it before a submit is acknowledged). Only regular files: a pipe or a device could block
+        or fill the spool forever."""
         try:
             mode = os.fstat(fd).st_mode
         except OSError as exc:
@@ -54,11 +56,6 @@ class Spool:
                 os.fsync(out.fileno())
             if size == 0:
                 raise InvalidAudio("the audio file is empty")
-            directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(directory)  # the file's name survives a power cut too, before the submit is acked
-            finally:
-                os.close(directory)
         except OSError as exc:
             target.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -71,17 +68,30 @@ class Spool:
             raise
         return str(target), size
 
+    def sync_directory(self) -> None:
+        """fsync the spool directory: the name of every file spooled so far survives a power cut (each copy
+        fsynced its data). Blocking: the durability barrier runs it in its thread. Raises OSError."""
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def discard(self, path: str | None) -> None:
         if path:
             Path(path).unlink(missing_ok=True)
 
-    def remove_orphans(self, names_in_use: set[str]) -> int:
-        """Spool files of submits that crashed before their commit, or of jobs already finished."""
+    def remove_orphans(self, names_in_use: set[str], before: float | None = None) -> int:
+        """Spool files of submits that crashed before their commit, or of jobs already finished: those not in
+        use and, given `before` (a wall-clock time), last written before it, so that a file a submit spools
+        while this runs is never taken for one. Blocking: run it in a thread."""
         removed = 0
         with os.scandir(self.directory) as entries:
             for entry in entries:
-                if entry.name not in names_in_use:
-                    with contextlib.suppress(FileNotFoundError):
+                if entry.name in names_in_use:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    if before is None or entry.stat(follow_symlinks=False).st_mtime < before:
                         os.unlink(entry.path)
-                    removed += 1
+                        removed += 1
         return removed

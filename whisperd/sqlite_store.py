@@ -1,4 +1,10 @@
-"""The embedded store: jobs, results and history in one SQLite file (WAL, synchronous=FULL).
+"""The embedded store: jobs, results and history in one SQLite file (WAL, synchronous=NORMAL).
+
+A commit writes its frames into the WAL and returns, with no fsync on the daemon's loop: it is durable once
+`sync()` (an fsync of the WAL, in the durability barrier's thread) or a checkpoint has run after it, and a
+submit is acknowledged only then (durability.py). Checkpoints run in a thread on a connection of their own
+(`checkpoint()`), never on their own at a commit (wal_autocheckpoint=0); see sqlite_wal.py for how the WAL
+is kept short while commits never pause.
 
 Every failure of SQLite to read or write (a full disk, another process holding the write lock past the short
 busy timeout, an I/O error) is raised as a StorageError with nothing changed, so the caller can answer it
@@ -11,17 +17,27 @@ import logging
 import os
 import shutil
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from whisperd.errors import StorageBusy, StorageError, StorageFull
+from whisperd.errors import StorageBusy, StorageError, StorageFull, os_storage_error
 from whisperd.jobs import TERMINAL_STATES, JobEvent, JobState
 from whisperd.protocol import JobView, Transcript
+from whisperd.sqlite_wal import WAL_LIMIT_BYTES, Checkpointer, limit_wal, restart, sync_wal
 from whisperd.statedir import PRIVATE_FILE_MODE, narrow_mode
-from whisperd.store import JOB_COLUMNS, MUTABLE_COLUMNS, EventRow, JobRow, NewJob, SavedTransition
+from whisperd.store import (
+    JOB_COLUMNS,
+    MUTABLE_COLUMNS,
+    EventRow,
+    JobRow,
+    NewJob,
+    QueueEntry,
+    SavedTransition,
+    UserTotal,
+)
 
 log = logging.getLogger("whisperd.store")
 
@@ -43,6 +59,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     owner_uid INTEGER NOT NULL,
     audio_duration_s REAL,
     spool_path TEXT,
+    spool_bytes INTEGER,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     queued_at REAL NOT NULL,
@@ -52,6 +69,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     transcript BLOB
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+-- The queue, oldest first, read whole at start only: it covers what the scheduler's lanes keep of a job.
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(queued_at, id, priority, owner_uid, model)
+    WHERE state = 'PENDING';
 -- Every transition of every job, for operators and for proving that nothing ran twice.
 CREATE TABLE IF NOT EXISTS job_events (
     job_id INTEGER NOT NULL REFERENCES jobs(id),
@@ -77,7 +97,10 @@ _VIEW_COLUMNS = (
 _SELECT_VIEW = f"SELECT {', '.join(_VIEW_COLUMNS)} FROM jobs"
 _STATES = {s.value: s for s in JobState}
 _EVENT_COLUMNS = ("at", "from_state", "to_state", "event", "worker", "error")
-_LIVE = tuple(s.value for s in JobState if s not in TERMINAL_STATES)
+_LIVE_STATES = tuple(s for s in JobState if s not in TERMINAL_STATES)
+_LIVE = tuple(s.value for s in _LIVE_STATES)
+_QUEUE_CHUNK = 10_000
+_BACKGROUND_BUSY_S = 5.0  # a thread's connection may wait for the loop's short transactions
 
 
 # A full disk leaves SQLite unable even to open a WAL database (its -shm file cannot be sized): this much
@@ -119,12 +142,24 @@ def _views(rows: Sequence[tuple[Any, ...]]) -> list[JobView]:
     ]  # fmt: skip
 
 
+def _add_columns(db: sqlite3.Connection) -> None:
+    """Columns added since the first release, to a database made by an older one (their values NULL)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    if columns and "spool_bytes" not in columns:  # no columns: a new database, made whole by the schema
+        db.execute("ALTER TABLE jobs ADD COLUMN spool_bytes INTEGER")
+
+
 def _connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
     try:
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the submit is acknowledged
+        # A commit only writes the WAL: no fsync, no checkpoint on the loop. The durability barrier syncs the
+        # WAL in its thread before a submit is acknowledged; checkpoints run in a thread (sqlite_wal.py).
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA wal_autocheckpoint=0")
+        limit_wal(db, WAL_LIMIT_BYTES)
         try:
+            _add_columns(db)  # before the schema: its indexes may name them
             db.executescript(_SCHEMA)
         except sqlite3.OperationalError:
             # An older database on a full disk cannot take a new index: it runs without until a later start.
@@ -181,9 +216,36 @@ class SqliteStore:
             except sqlite3.OperationalError as again:
                 raise storage_error(again) from again
         keep_reserve(self._reserve)
+        self._checkpointer = Checkpointer(path)
 
     def close(self) -> None:
+        self._checkpointer.close()  # first: the last connection to close copies the WAL in, synced
         self._db.close()
+
+    # ---- durability (sqlite_wal.py) ------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Every commit so far made durable: an fsync of the WAL. Blocking: run it in a thread."""
+        try:
+            sync_wal(self.path)
+        except OSError as exc:
+            raise os_storage_error(exc, "make the job store's latest changes durable") from exc
+
+    def checkpoint(self) -> bool:
+        """A PASSIVE checkpoint on a connection of its own; blocking: run it in a thread. True when the WAL
+        is still past its limit after it, and only restart_log() can let it start over."""
+        try:
+            return self._checkpointer.run()
+        except sqlite3.Error as exc:
+            raise storage_error(exc) from exc
+
+    def restart_log(self) -> None:
+        """On the loop, right after a checkpoint() that returned True: copy the few frames it left, so that
+        the next commit starts the WAL over (a copy and two fsyncs: about a millisecond)."""
+        try:
+            restart(self._db, self._checkpointer.limit_bytes)
+        except sqlite3.Error as exc:
+            raise storage_error(exc) from exc
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -213,11 +275,12 @@ class SqliteStore:
             for job in new_jobs:
                 cursor = self._db.execute(
                     "INSERT INTO jobs (state, model, language, task, priority, word_timestamps, filename,"
-                    " owner_uid, spool_path, created_at, updated_at, queued_at)"
-                    f" VALUES ({','.join('?' * 12)}) RETURNING {', '.join(JOB_COLUMNS)}",
+                    " owner_uid, spool_path, spool_bytes, created_at, updated_at, queued_at)"
+                    f" VALUES ({','.join('?' * 13)}) RETURNING {', '.join(JOB_COLUMNS)}",
                     (
                         JobState.PENDING.value, job.model, job.language, job.task, job.priority,
-                        int(job.word_timestamps), job.filename, job.owner_uid, job.spool_path, now, now, now,
+                        int(job.word_timestamps), job.filename, job.owner_uid, job.spool_path,
+                        job.spool_bytes, now, now, now,
                     ),
                 )  # fmt: skip
                 row = _job(cursor.fetchone())
@@ -289,15 +352,69 @@ class SqliteStore:
         return self._query(sql, [*args, limit])
 
     def live_jobs(self) -> list[JobRow]:
-        placeholders = ",".join("?" * len(_LIVE))
-        rows = self._query(f"{_SELECT_JOB} WHERE state IN ({placeholders}) ORDER BY id", _LIVE)
+        return self.jobs_in(_LIVE_STATES)
+
+    def jobs_in(self, states: Sequence[JobState]) -> list[JobRow]:
+        placeholders = ",".join("?" * len(states))
+        values = [s.value for s in states]
+        rows = self._query(f"{_SELECT_JOB} WHERE state IN ({placeholders}) ORDER BY id", values)
         return [_job(r) for r in rows]
+
+    def queue(self) -> Iterator[list[QueueEntry]]:
+        """The PENDING jobs, oldest first, in chunks: an index-only scan (jobs_queue), and no row kept
+        longer than its chunk, so a queue of a million costs its own size in memory and no more."""
+        try:
+            cursor = self._db.execute(
+                "SELECT id, priority, owner_uid, model, queued_at FROM jobs INDEXED BY jobs_queue"
+                " WHERE state = 'PENDING' ORDER BY queued_at, id"
+            )
+            while chunk := cursor.fetchmany(_QUEUE_CHUNK):
+                yield chunk
+        except sqlite3.OperationalError as exc:
+            raise storage_error(exc) from exc
+
+    def user_totals(self) -> list[UserTotal]:
+        rows = self._query(
+            "SELECT owner_uid, state, COUNT(*), COALESCE(SUM(spool_bytes), 0) FROM jobs"
+            f" WHERE state IN ({','.join('?' * len(_LIVE))}) GROUP BY owner_uid, state",
+            _LIVE,
+        )
+        return [UserTotal(owner_uid=uid, state=_STATES[state], jobs=jobs, spool_bytes=size)
+                for uid, state, jobs, size in rows]  # fmt: skip
+
+    def measure_spools(self, size_of: Callable[[str], int]) -> int:
+        """Live jobs queued by a release that did not store spool sizes: measure each file once (size_of)
+        and store it. Blocking, on a connection of its own: run it in a thread, before recovery."""
+        db = sqlite3.connect(self.path, timeout=_BACKGROUND_BUSY_S, isolation_level=None)
+        try:
+            rows = db.execute(
+                f"SELECT id, spool_path FROM jobs WHERE spool_bytes IS NULL AND spool_path IS NOT NULL"
+                f" AND state IN ({','.join('?' * len(_LIVE))})",
+                _LIVE,
+            ).fetchall()
+            for start in range(0, len(rows), _QUEUE_CHUNK):
+                sized = [(size_of(path), job_id) for job_id, path in rows[start : start + _QUEUE_CHUNK]]
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany("UPDATE jobs SET spool_bytes = ? WHERE id = ?", sized)
+                db.execute("COMMIT")
+            return len(rows)
+        except sqlite3.OperationalError as exc:
+            raise storage_error(exc) from exc
+        finally:
+            db.close()
 
     def count_by_state(self) -> dict[JobState, int]:
         rows = self._query("SELECT state, COUNT(*) FROM jobs GROUP BY state")
         return {JobState(state): count for state, count in rows}
 
     def spool_names_in_use(self) -> set[str]:
-        rows = self._query("SELECT spool_path FROM jobs WHERE spool_path IS NOT NULL")
-        # By name: the state dir may be reached by another path now (basename: a Path per row is slow).
-        return {os.path.basename(r[0]) for r in rows}
+        """On a read-only connection of its own, so a thread may call it while the loop writes."""
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=_BACKGROUND_BUSY_S)
+        try:
+            rows = db.execute("SELECT spool_path FROM jobs WHERE spool_path IS NOT NULL")
+            # By name: the state dir may be reached by another path now (basename: a Path per row is slow).
+            return {os.path.basename(r[0]) for r in rows}
+        except sqlite3.OperationalError as exc:
+            raise storage_error(exc) from exc
+        finally:
+            db.close()

@@ -3,7 +3,7 @@ backend behind it (sqlite_store.py), and a shared database for many hosts can be
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import msgspec
@@ -32,6 +32,7 @@ class JobRow(msgspec.Struct, kw_only=True, gc=False):
     owner_uid: int
     audio_duration_s: float | None
     spool_path: str | None
+    spool_bytes: int | None  # the size of its spooled audio (None: queued by a release that did not store it)
     created_at: float
     updated_at: float
     queued_at: float  # FIFO key: set at submit and whenever a job goes back to the tail
@@ -54,12 +55,15 @@ class JobRow(msgspec.Struct, kw_only=True, gc=False):
 
 JOB_COLUMNS: tuple[str, ...] = JobRow.__struct_fields__
 # Fixed at submit; everything else may change with a transition.
-IMMUTABLE_COLUMNS = frozenset({"id", "model", "language", "task", "filename", "owner_uid", "created_at"})
+IMMUTABLE_COLUMNS = frozenset(
+    {"id", "model", "language", "task", "filename", "owner_uid", "spool_bytes", "created_at"}
+)
 MUTABLE_COLUMNS: tuple[str, ...] = tuple(c for c in JOB_COLUMNS if c not in IMMUTABLE_COLUMNS)
 
 
 class NewJob(msgspec.Struct, kw_only=True):
     spool_path: str
+    spool_bytes: int
     filename: str
     owner_uid: int
     model: str
@@ -80,13 +84,29 @@ class EventRow(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None
 
 
+# What the scheduler's lanes keep of a PENDING job: (id, priority, owner_uid, model, queued_at). A plain
+# tuple, as the database returns it: a million of them are read at start, and each object counts.
+QueueEntry = tuple[int, int, int, str, float]
+
+
+class UserTotal(msgspec.Struct, frozen=True, kw_only=True):
+    """One user's live jobs in one state, and the bytes of their spooled audio: the books at start."""
+
+    owner_uid: int
+    state: JobState
+    jobs: int
+    spool_bytes: int
+
+
 # (the job as it is now, the state it left, the event, the result if any): one transition to save
 SavedTransition = tuple[JobRow, JobState, JobEvent, Transcript | None]
 
 
 class Store(Protocol):
-    """Durable jobs, their results and their history. Every method commits before it returns. A write the
-    backend cannot make raises a StorageError (StorageFull, StorageBusy) and leaves nothing changed."""
+    """Durable jobs, their results and their history. Every method commits before it returns; a commit is
+    durable once sync() has run after it (the daemon acknowledges a submit only then: durability.py). A
+    write the backend cannot make raises a StorageError (StorageFull, StorageBusy) and leaves nothing
+    changed."""
 
     def insert_jobs(self, new_jobs: Sequence[NewJob], now: float) -> list[JobRow]:
         """All of a submit's jobs in one transaction: either every file is queued or none."""
@@ -122,6 +142,23 @@ class Store(Protocol):
         """Every job not in a terminal state, by id."""
         ...
 
+    def jobs_in(self, states: Sequence[JobState]) -> list[JobRow]:
+        """Every job in these states, by id (at start: the few PROCESSING and RETRYING ones)."""
+        ...
+
+    def queue(self) -> Iterator[Sequence[QueueEntry]]:
+        """The PENDING jobs, oldest first (by queued_at, then id), in chunks."""
+        ...
+
+    def user_totals(self) -> list[UserTotal]:
+        """Live jobs and their spooled bytes by owner and state."""
+        ...
+
+    def measure_spools(self, size_of: Callable[[str], int]) -> int:
+        """Store the spool size of live jobs that have none (queued by an older release); returns how many.
+        Blocking and on a connection of its own: run in a thread, before recovery."""
+        ...
+
     def count_by_state(self) -> dict[JobState, int]: ...
 
     def transcript(self, job_id: int) -> Transcript | None: ...
@@ -129,7 +166,22 @@ class Store(Protocol):
     def history(self, job_id: int) -> list[EventRow]: ...
 
     def spool_names_in_use(self) -> set[str]:
-        """File names of the spooled audio that live jobs still need."""
+        """File names of the spooled audio that live jobs still need; safe to call from a thread."""
+        ...
+
+    def sync(self) -> None:
+        """Make every commit so far durable; blocking, run it in a thread. A StorageError if it cannot."""
+        ...
+
+    def checkpoint(self) -> bool:
+        """Fold the commits into the database file, so that the log of them stays short (for a backend that
+        keeps one; else nothing), on a connection of its own; blocking, run it in a thread. True when the log
+        is past its limit and only restart_log() can shorten it."""
+        ...
+
+    def restart_log(self) -> None:
+        """On the store's own connection (the loop), right after a checkpoint() that returned True: what is
+        left of the log folded in, so that it starts over. Brief, and rare: see sqlite_wal.py."""
         ...
 
     def close(self) -> None: ...

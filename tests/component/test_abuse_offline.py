@@ -137,8 +137,8 @@ def test_the_job_log_escapes_names_and_errors(tmp_path: Path, caplog: pytest.Log
     name = "a.wav\n2024-01-01 00:00:00 INFO    whisperd.jobs: job 1 COMPLETED\x1b[2K"
     with caplog.at_level(logging.INFO, logger="whisperd.jobs"):
         [job] = registry.add([
-            NewJob(spool_path=spooled, filename=name, owner_uid=1000, model="tiny.en", language=None,
-                   task="transcribe", priority=0, word_timestamps=False),
+            NewJob(spool_path=spooled, spool_bytes=1, filename=name, owner_uid=1000, model="tiny.en",
+                   language=None, task="transcribe", priority=0, word_timestamps=False),
         ])  # fmt: skip
         registry.apply(job, JobEvent.DISPATCH, device="cpu", worker="cpu0")
         registry.apply(job, JobEvent.FAIL_FATAL, error=f"cannot decode {name}: bad\ndata")

@@ -237,7 +237,7 @@ def test_a_user_who_queues_after_another_s_long_queue_is_served_in_turn(tmp_path
         return [j.id for j in reply.jobs]
 
     def settled() -> bool:
-        live = app.registry.live()
+        live = app.store.live_jobs()
         return all(j.state is not JobState.PROCESSING for j in live) and all(
             v.state == "idle" for v in app.fleet.views()
         )
@@ -248,7 +248,7 @@ def test_a_user_who_queues_after_another_s_long_queue_is_served_in_turn(tmp_path
             ana = await submit(ANA, 20)
             app.daemon.tick()  # Ana's first batch goes at once
             ben = await submit(BEN, 2)
-            while app.registry.live():
+            while app.store.live_jobs():
                 await until(settled, 10)
                 app.daemon.tick()
             return ana, ben, app.views.stats().users

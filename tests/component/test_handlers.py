@@ -188,7 +188,7 @@ def test_submit_by_descriptor_queues_a_pending_job_owned_by_the_caller(parts: Pa
     assert [Path(r.spool_path or "").read_bytes() for r in rows] == [b"second audio", b"first audio"]
     assert all(Path(r.spool_path or "").parent == parts.spool.directory for r in rows)
     assert parts.spooled() == [b"first audio", b"second audio"], "a private copy of each"
-    assert [j.id for j in parts.registry.pending()] == [j.id for j in reply.jobs]
+    assert [j.id for j in parts.store.live_jobs()] == [j.id for j in reply.jobs]
     assert parts.events(reply.jobs[0].id) == ["submit"]
     assert parts.wakes == 1
     os.fstat(first)  # the caller's descriptors are the caller's: still open
@@ -263,8 +263,8 @@ def test_a_queue_filled_while_the_audio_was_copied_refuses_the_submit_and_discar
             finally:
                 os.close(other_fd)
             registry.add([NewJob(
-                spool_path=other, filename="meanwhile.wav", owner_uid=OTHER_USER.uid, model="tiny.en",
-                language=None, task="transcribe", priority=0, word_timestamps=False,
+                spool_path=other, spool_bytes=1, filename="meanwhile.wav", owner_uid=OTHER_USER.uid,
+                model="tiny.en", language=None, task="transcribe", priority=0, word_timestamps=False,
             )])  # fmt: skip
             return copied
 
@@ -276,7 +276,7 @@ def test_a_queue_filled_while_the_audio_was_copied_refuses_the_submit_and_discar
     with pytest.raises(QueueFull):
         call(handlers.submit(request, USER, [parts.audio(b"mine")]))
     assert parts.spooled() == [b"meanwhile"], "the refused submit's copy is gone"
-    assert [j.owner_uid for j in registry.live()] == [OTHER_USER.uid]
+    assert [j.owner_uid for j in parts.store.live_jobs()] == [OTHER_USER.uid]
 
 
 def test_submit_while_draining_is_refused(parts: Parts) -> None:
@@ -516,7 +516,7 @@ def test_reads_that_never_return_hold_only_their_user_s_spool_threads(parts: Par
         await until(lambda: spooler.in_progress(USER.uid) == 0, timeout_s=10)
 
     asyncio.run(scenario())
-    assert sorted(j.owner_uid for j in parts.registry.live()) == [USER.uid, USER.uid, OTHER_USER.uid]
+    assert sorted(j.owner_uid for j in parts.store.live_jobs()) == [USER.uid, USER.uid, OTHER_USER.uid]
 
 
 def test_the_deadline_answers_a_caller_whose_read_hangs_and_its_thread_still_counts(parts: Parts) -> None:
@@ -539,7 +539,7 @@ def test_the_deadline_answers_a_caller_whose_read_hangs_and_its_thread_still_cou
         assert isinstance(reply, p.Jobs)
 
     asyncio.run(scenario())
-    assert [j.owner_uid for j in parts.registry.live()] == [USER.uid]
+    assert [j.owner_uid for j in parts.store.live_jobs()] == [USER.uid]
     assert parts.spooled() == [b"fine audio"], "the copy that finished after its deadline was discarded"
 
 
@@ -562,4 +562,4 @@ def test_a_copy_that_waits_for_a_thread_past_the_deadline_is_busy(parts: Parts) 
         await until(lambda: spooler.in_progress(USER.uid) == 0, timeout_s=10)
 
     asyncio.run(scenario())
-    assert parts.registry.live() == [] and parts.spooled() == []
+    assert parts.store.live_jobs() == [] and parts.spooled() == []

@@ -65,12 +65,12 @@ class Parts:
         source.write_bytes(b"RIFF....")
         fd = os.open(source, os.O_RDONLY)
         try:
-            path, _ = Spool(self.tmp_path / "spool").copy_from_fd(fd, 1 << 20)
+            path, size = Spool(self.tmp_path / "spool").copy_from_fd(fd, 1 << 20)
         finally:
             os.close(fd)
         return NewJob(
-            spool_path=path, filename=source.name, owner_uid=1000, model="tiny.en", language=None,
-            task="transcribe", priority=0, word_timestamps=False,
+            spool_path=path, spool_bytes=size, filename=source.name, owner_uid=1000, model="tiny.en",
+            language=None, task="transcribe", priority=0, word_timestamps=False,
         )  # fmt: skip
 
     def events(self, job_id: int) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,12 +86,12 @@ def new_job(spool: Spool, tmp_path: Path, owner_uid: int = 1000) -> NewJob:
     source.write_bytes(b"RIFF" + os.urandom(16))
     fd = os.open(source, os.O_RDONLY)
     try:
-        path, _ = spool.copy_from_fd(fd, 1 << 20)
+        path, size = spool.copy_from_fd(fd, 1 << 20)
     finally:
         os.close(fd)
     return NewJob(
-        spool_path=path, filename=source.name, owner_uid=owner_uid, model="tiny.en", language=None,
-        task="transcribe", priority=0, word_timestamps=False,
+        spool_path=path, spool_bytes=size, filename=source.name, owner_uid=owner_uid, model="tiny.en",
+        language=None, task="transcribe", priority=0, word_timestamps=False,
     )  # fmt: skip
 
 
@@ -114,6 +115,11 @@ def changes_for(event: JobEvent) -> dict[str, Any]:
     return {"worker": "cpu0", "device": "cpu"} if event is E.DISPATCH else {}
 
 
+def queued(registry: JobRegistry) -> list[int]:
+    """Ids of the PENDING jobs as the scheduler sees them, lane by lane, oldest first."""
+    return [j.id for lane in registry.waiting(1_000_000, {"tiny.en"}).lanes for j in lane.jobs]
+
+
 # ---- add -----------------------------------------------------------------------------------------------
 
 
@@ -125,8 +131,9 @@ def test_add_publishes_pending_views_and_counts_them(parts: Parts) -> None:
     assert parts.registry.counts() == {**{s.value: 0 for s in JobState}, "PENDING": 2}
     assert parts.registry.counts() == parts.store_counts()
     assert parts.registry.waiting_count() == 2
-    assert [j.id for j in parts.registry.live()] == [j.id for j in jobs]
-    assert parts.registry.pending() == jobs
+    assert [j.id for j in parts.store.live_jobs()] == [j.id for j in jobs]
+    assert queued(parts.registry) == [j.id for j in jobs] and parts.registry.held() == []
+    assert [parts.registry.get(j.id) for j in jobs] == jobs, "PENDING rows come from the store"
     assert parts.registry.oldest_waiting_since() == T0
     assert parts.transitions == [], "a submit is not a transition"
     assert parts.events(jobs[0].id) == ["submit"]
@@ -175,7 +182,7 @@ def test_a_failed_job_backs_off_then_goes_to_the_tail_of_the_queue(parts: Parts)
     assert registry.release_due_retries(clock()) is None
     assert [a.state, a.retries, a.not_before, a.worker, a.device] == [S.PENDING, 1, None, None, None]
     assert a.queued_at == clock(), "back at the tail of the queue"
-    assert [j.id for j in registry.pending()] == [a.id, b.id]
+    assert queued(registry) == [b.id, a.id], "a is back at the tail, b never left"
     assert registry.oldest_waiting_since() == T0
 
     clock.advance(1)
@@ -232,7 +239,7 @@ def test_a_failure_with_no_retries_left_fails_the_job(parts: Parts) -> None:
     assert (job.state, job.retries) == (S.FAILED, POLICY.max_retries)
     assert job.finished_at == clock() and job.error is not None
     assert job.spool_path is None and spooled is not None and not Path(spooled).exists()
-    assert registry.find_live(job.id) is None and registry.live() == []
+    assert registry.find_live(job.id) is None and registry.held() == [] and queued(registry) == []
     assert registry.get(job.id).state is S.FAILED
     assert registry.counts()["FAILED"] == 1 and registry.waiting_count() == 0
     assert registry.oldest_waiting_since() is None
@@ -271,7 +278,7 @@ def test_a_terminal_transition_discards_the_spool_file_and_ends_the_live_job(
     assert job.state is end and job.finished_at == parts.clock()
     assert job.spool_path is None and not Path(spooled).exists()
     assert other.spool_path is not None and Path(other.spool_path).exists(), "only that job's audio"
-    assert [j.id for j in registry.live()] == [other.id]
+    assert registry.held() == [] and queued(registry) == [other.id]
     assert registry.find_live(job.id) is None
     assert registry.get(job.id) == job, "the store has the same row"
     assert registry.counts()[end.value] == 1
@@ -319,6 +326,7 @@ def test_a_refused_commit_leaves_the_job_and_the_counts_as_they_were(
     parts.clock.advance(3)
     before = msgspec.structs.replace(job)
     counts, waiting, oldest = registry.counts(), registry.waiting_count(), registry.oldest_waiting_since()
+    avoided = registry.avoided_devices(job.id)  # recorded for a running job only
     published, transitions, history = len(parts.published), len(parts.transitions), parts.events(job.id)
     files = spool_files(parts)
 
@@ -327,10 +335,11 @@ def test_a_refused_commit_leaves_the_job_and_the_counts_as_they_were(
     with pytest.raises(StorageFull):
         registry.apply(job, event, transcript=transcript, **changes)
     assert job == before, "the in-memory job is exactly as it was"
-    assert registry.find_live(job.id) is job
+    assert (registry.find_live(job.id) is job) == (job.state is not S.PENDING), "held unless queued"
+    assert registry.get(job.id) == job, "the store has it as it was"
     assert registry.counts() == counts == parts.store_counts()
     assert registry.waiting_count() == waiting and registry.oldest_waiting_since() == oldest
-    assert registry.avoided_devices(job.id) == {"cuda:0"}
+    assert registry.avoided_devices(job.id) == avoided
     assert spool_files(parts) == files, "the audio is still needed"
     assert len(parts.published) == published and len(parts.transitions) == transitions
     assert parts.events(job.id) == history
@@ -383,8 +392,10 @@ def test_recover_requeues_processing_jobs_and_removes_orphan_spool_files(tmp_pat
         assert (requeue.from_state, requeue.to_state, requeue.at) == (S.PROCESSING, S.PENDING, clock())
         assert second.transitions == [(running.id, S.PROCESSING, S.PENDING, E.REQUEUE)]
         assert second.published == [job.view()]
+        assert second.registry.remove_orphan_spools(before=time.time()) == 1
         assert spool_files(second) == kept, "the orphan is gone, the live jobs' audio stays"
-        assert sorted(j.id for j in second.registry.live()) == [running.id, waiting.id, retrying.id]
+        assert [j.id for j in second.registry.held()] == [retrying.id]
+        assert queued(second.registry) == [waiting.id, running.id], "the requeued job behind the waiting one"
         assert second.registry.counts() == second.store_counts()
         assert second.registry.counts() == {**{s.value: 0 for s in JobState},
                                             "PENDING": 2, "RETRYING": 1, "COMPLETED": 1}  # fmt: skip
@@ -522,23 +533,35 @@ def reads(store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str
 
 
 def test_a_listing_costs_what_it_returns_not_the_length_of_the_queue(
-    parts: Parts, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    jobs = parts.add(40)
-    for job in jobs[:4]:
-        dispatch(parts, job)
-    parts.registry.set_progress(jobs[2], 30.0, 9.0)
-    dispatch(parts, jobs[-1])
-    parts.registry.apply(jobs[-1], E.COMPLETE, transcript=TRANSCRIPT)
-    registry = parts.registry
-    monkeypatch.setattr(registry, "_live", NoWalk(registry._live))
-    seen = reads(parts.store, monkeypatch)
-    assert [j.id for j in registry.select([], S.PENDING, 3)] == [j.id for j in jobs[36:39]]
-    running = [(jobs[2].id, 30.0), (jobs[3].id, 0.0)]
-    assert [(j.id, j.progress) for j in registry.select([], S.PROCESSING, 2)] == running, "live progress"
-    assert [j.id for j in registry.select([], None, 2)] == [jobs[38].id, jobs[39].id]
-    assert [j.id for j in registry.select([], S.COMPLETED, 5)] == [jobs[39].id]
-    assert sum(rows for _, rows in seen) <= 3 + 2 + 2 * 2 + 1, seen
+    first = make(tmp_path)
+    jobs = first.add(40)
+    dispatch(first, jobs[-1])
+    first.registry.apply(jobs[-1], E.COMPLETE, transcript=TRANSCRIPT)
+    first.store.close()
+    parts = make(tmp_path)  # a restart: nothing read yet
+    try:
+        registry = parts.registry
+        registry.recover()
+        for job in jobs[:4]:
+            dispatch(parts, registry.get(job.id))
+        parts.registry.set_progress(registry.get(jobs[2].id), 30.0, 9.0)
+        monkeypatch.setattr(registry, "_live", NoWalk(registry._live))
+        seen = reads(parts.store, monkeypatch)
+        assert [j.id for j in registry.select([], S.PENDING, 3)] == [j.id for j in jobs[36:39]]
+        running = [(jobs[2].id, 30.0), (jobs[3].id, 0.0)]
+        assert [(j.id, j.progress) for j in registry.select([], S.PROCESSING, 2)] == running, "live progress"
+        assert [j.id for j in registry.select([], None, 2)] == [jobs[38].id, jobs[39].id]
+        assert [j.id for j in registry.select([], S.COMPLETED, 5)] == [jobs[39].id]
+        # Each listing reads the ids it returns, then the views of those never seen since the start: the
+        # running jobs' come from memory (with their progress), a view read once is kept.
+        assert seen == [
+            ("newest_ids", 3), ("views", 3), ("newest_ids", 2), ("newest_ids", 2), ("views", 1),
+            ("newest_ids", 1),
+        ]  # fmt: skip
+    finally:
+        parts.store.close()
 
 
 def test_finished_jobs_listed_again_are_not_read_again_and_deleted_ones_are_gone(
@@ -559,17 +582,20 @@ def test_finished_jobs_listed_again_are_not_read_again_and_deleted_ones_are_gone
         parts.registry.select([jobs[0].id], None, 10)
 
 
-def test_select_by_ids_reads_the_store_once_and_only_for_jobs_not_live(
+def test_select_by_ids_reads_the_store_once_and_only_for_jobs_not_held(
     parts: Parts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    a, b, c = parts.add(3)
+    a, b, c, d = parts.add(4)
     dispatch(parts, a)
     parts.registry.apply(a, E.COMPLETE, transcript=TRANSCRIPT)
+    dispatch(parts, d)
+    parts.registry.set_progress(d, 40.0, 9.0)
     seen = reads(parts.store, monkeypatch)
-    assert [j.id for j in parts.registry.select([c.id, b.id], None, 1000)] == [c.id, b.id]
-    assert seen == [], "live jobs come from memory"
-    assert [j.id for j in parts.registry.select([b.id, a.id, c.id], None, 1000)] == [b.id, a.id, c.id]
-    assert seen == [("views", 1)], "one query, for the finished one"
+    assert [j.progress for j in parts.registry.select([d.id], None, 1000)] == [40.0]
+    assert seen == [], "running jobs come from memory, with their progress"
+    ids = [b.id, a.id, d.id, c.id]
+    assert [j.id for j in parts.registry.select(ids, None, 1000)] == ids
+    assert seen == [("views", 1)], "one query, for the finished one (retention may have deleted it)"
     with pytest.raises(NotFound) as info:
         parts.registry.select([b.id, 998, a.id], None, 1000)
     assert re.findall(r"\d+", info.value.message) == ["998"]
@@ -590,7 +616,7 @@ def test_counts_match_the_store_through_a_random_sequence(tmp_path: Path, seed: 
     registry, rng = parts.registry, random.Random(seed)
     try:
         for _ in range(120):
-            live = registry.live()
+            live = [registry.get(j.id) for j in parts.store.live_jobs()]
             roll = rng.random()
             if roll < 0.15 or not live:
                 parts.add(rng.randint(1, 3))
@@ -611,8 +637,9 @@ def test_counts_match_the_store_through_a_random_sequence(tmp_path: Path, seed: 
             assert registry.counts() == parts.store_counts()
             counts = registry.counts()
             assert registry.waiting_count() == counts["PENDING"] + counts["RETRYING"]
-            assert sorted(j.id for j in registry.live()) == [j.id for j in parts.store.live_jobs()]
-            assert {j.id: j for j in registry.live()} == {j.id: j for j in parts.store.live_jobs()}
+            stored = parts.store.live_jobs()
+            assert {j.id: j for j in registry.held()} == {j.id: j for j in stored if j.state is not S.PENDING}
+            assert sorted(queued(registry)) == [j.id for j in stored if j.state is S.PENDING]
             in_use = parts.store.spool_names_in_use()
             assert spool_files(parts) == in_use
         assert sum(registry.counts().values()) == len(parts.store.select([], None, 10_000))

@@ -45,12 +45,12 @@ class Parts:
             source.write_bytes(b"audio")
             fd = os.open(source, os.O_RDONLY)
             try:
-                path, _ = self.spool.copy_from_fd(fd, 1 << 20)
+                path, size = self.spool.copy_from_fd(fd, 1 << 20)
             finally:
                 os.close(fd)
             new_jobs.append(
-                NewJob(spool_path=path, filename=source.name, owner_uid=1000, model="tiny.en", language=None,
-                       task="transcribe", priority=0, word_timestamps=False)
+                NewJob(spool_path=path, spool_bytes=size, filename=source.name, owner_uid=1000,
+                       model="tiny.en", language=None, task="transcribe", priority=0, word_timestamps=False)
             )  # fmt: skip
         return self.registry.add(new_jobs)
 
@@ -149,7 +149,7 @@ def test_the_background_task_prunes_off_the_loop_and_the_counts_follow(parts: Pa
     asyncio.run(main())
     assert parts.registry.counts() == parts.store_counts() == {**{s.value: 0 for s in S}, "PENDING": 2}
     # The daemon's own connection still writes, and the new jobs still complete.
-    parts.finish(parts.registry.live())
+    parts.finish([parts.registry.get(j.id) for j in parts.store.live_jobs()])
     assert parts.registry.counts() == parts.store_counts()
 
 

@@ -4,6 +4,7 @@ never decode transcripts, spool hygiene."""
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 import msgspec
@@ -19,7 +20,7 @@ from whisperd.store import EventRow, NewJob
 
 def new_job(spool: str, priority: int = 0) -> NewJob:
     return NewJob(
-        spool_path=spool, filename="a.wav", owner_uid=1000, model="tiny.en", language=None,
+        spool_path=spool, spool_bytes=100, filename="a.wav", owner_uid=1000, model="tiny.en", language=None,
         task="transcribe", priority=priority, word_timestamps=True,
     )  # fmt: skip
 
@@ -134,3 +135,67 @@ def test_orphan_spool_files_go_and_live_ones_stay(tmp_path: Path) -> None:
     assert spool.remove_orphans(store.spool_names_in_use()) == 1
     assert [p.name for p in spool.directory.iterdir()] == [Path(kept).name]
     assert not Path(orphan).exists()
+
+
+def test_an_orphan_written_after_the_start_is_left_to_its_submit(tmp_path: Path) -> None:
+    store, spool = SqliteStore(tmp_path / "jobs.sqlite3"), Spool(tmp_path / "spool")
+    old, new = spooled(spool, tmp_path), spooled(spool, tmp_path)
+    os.utime(old, (1_000.0, 1_000.0))
+    assert spool.remove_orphans(store.spool_names_in_use(), before=2_000.0) == 1
+    assert not Path(old).exists() and Path(new).exists(), (
+        "a file spooled since may be a submit's, uncommitted"
+    )
+
+
+def test_the_queue_is_read_oldest_first_with_the_owners_books(tmp_path: Path) -> None:
+    store, spool = SqliteStore(tmp_path / "jobs.sqlite3"), Spool(tmp_path / "spool")
+    a, b, c = store.insert_jobs([new_job(spooled(spool, tmp_path), priority=i) for i in range(3)], now=5.0)
+    b.state, b.updated_at = JobState.PROCESSING, 6.0
+    store.save_transition(b, JobState.PENDING, JobEvent.DISPATCH)
+    b.state, b.queued_at = JobState.PENDING, 7.0  # requeued: to the tail
+    store.save_transition(b, JobState.PROCESSING, JobEvent.REQUEUE)
+    a.state = JobState.PROCESSING
+    store.save_transition(a, JobState.PENDING, JobEvent.DISPATCH)
+    queue = [entry for chunk in store.queue() for entry in chunk]
+    assert queue == [(c.id, 2, 1000, "tiny.en", 5.0), (b.id, 1, 1000, "tiny.en", 7.0)]
+    assert {(t.state, t.jobs, t.spool_bytes) for t in store.user_totals()} == {
+        (JobState.PENDING, 2, 200), (JobState.PROCESSING, 1, 100),
+    }  # fmt: skip
+    assert [j.id for j in store.jobs_in([JobState.PROCESSING, JobState.RETRYING])] == [a.id]
+    store.close()
+
+
+def test_a_store_from_before_spool_sizes_gets_them_measured_once(tmp_path: Path) -> None:
+    """A database made by a release whose jobs table had no spool_bytes column."""
+    spool = Spool(tmp_path / "spool")
+    path = spooled(spool, tmp_path, b"x" * 1234)
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        db.execute(
+            "CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, state TEXT NOT NULL,"
+            " progress REAL NOT NULL DEFAULT 0, retries INTEGER NOT NULL DEFAULT 0, device TEXT, worker TEXT,"
+            " model TEXT NOT NULL,"
+            " language TEXT, task TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0, word_timestamps INTEGER"
+            " NOT NULL DEFAULT 0, error TEXT, filename TEXT NOT NULL, owner_uid INTEGER NOT NULL,"
+            " audio_duration_s REAL, spool_path TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,"
+            " queued_at REAL NOT NULL, started_at REAL, finished_at REAL, not_before REAL, transcript BLOB)"
+        )
+        db.execute(
+            "INSERT INTO jobs (state, model, task, filename, owner_uid, spool_path, created_at, updated_at,"
+            " queued_at) VALUES ('PENDING', 'tiny.en', 'transcribe', 'a.wav', 1000, ?, 1, 1, 1)",
+            (path,),
+        )
+    store = SqliteStore(tmp_path / "jobs.sqlite3")
+    [job] = store.live_jobs()
+    assert job.spool_bytes is None
+    measured: list[str] = []
+
+    def size_of(spooled: str) -> int:
+        measured.append(spooled)
+        return os.stat(spooled).st_size
+
+    assert store.measure_spools(size_of) == 1
+    assert measured == [path] and store.live_jobs()[0].spool_bytes == 1234
+    assert store.measure_spools(lambda p: 0) == 0, "once"
+    assert [t.spool_bytes for t in store.user_totals()] == [1234]
+    assert [e[0] for chunk in store.queue() for e in chunk] == [job.id], "the queue's index was added too"
+    store.close()

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from tests.support.daemon import DaemonProcess
@@ -258,8 +259,8 @@ def new_job(tmp_path: Path) -> NewJob:
     audio.parent.mkdir(parents=True, exist_ok=True)
     audio.write_text("segments=1")
     return NewJob(
-        spool_path=str(audio), filename="talk.wav", owner_uid=1000, model="tiny.en", language=None,
-        task="transcribe", priority=0, word_timestamps=False,
+        spool_path=str(audio), spool_bytes=10, filename="talk.wav", owner_uid=1000, model="tiny.en",
+        language=None, task="transcribe", priority=0, word_timestamps=False,
     )  # fmt: skip
 
 
@@ -310,8 +311,7 @@ def test_a_cancel_of_two_thousand_jobs_is_one_commit_and_keeps_each_error(tmp_pa
         audio = tmp_path / "spool" / "shared.audio"
         audio.write_text("x")
         mine = app.registry.add([new_job(tmp_path)] * 2000)
-        [theirs] = app.registry.add([new_job(tmp_path)])
-        theirs.owner_uid = 2000
+        [theirs] = app.registry.add([msgspec.structs.replace(new_job(tmp_path), owner_uid=2000)])
         [done] = app.registry.add([new_job(tmp_path)])
         app.registry.apply(done, JobEvent.CANCEL)
         ids = [j.id for j in mine]

@@ -163,6 +163,63 @@ def test_kill_9_of_the_daemon_at_random_moments_loses_nothing_and_runs_nothing_t
     assert list((daemon.state_dir / "spool").iterdir()) == [], f"{tag} spooled audio left behind"
 
 
+def test_kill_9_right_after_concurrent_submits_were_acknowledged_loses_none_of_them(
+    tmp_path: Path, speech: dict[str, Path], figures: list[str]
+) -> None:
+    """Group commit: concurrent submits share one flush, and each is acknowledged only after it. Killed the
+    moment an acknowledgement arrives (no workers, so nothing but the submits moves), the daemon restarts
+    with every acknowledged job queued."""
+    seed = int(os.environ.get("WHISPERD_FAULT_SEED", random.randrange(2**32)))
+    rng = random.Random(seed)
+    tag = f"[seed {seed}, set WHISPERD_FAULT_SEED={seed} to replay]"
+    daemon = DaemonProcess(
+        tmp_path / "state", {"workers": {"cpu_workers": 0}, "daemon": {"max_spools_per_user": 16}}
+    )
+    acked: list[int] = []
+    lock = threading.Lock()
+    rounds, submitters = 3, 6
+    try:
+        for _ in range(rounds):
+            daemon.start(own_group=True)
+            killed = threading.Event()
+            kill_after = len(acked) + rng.randint(20, 200)
+
+            def submit_until_killed(target: int = kill_after, killed: threading.Event = killed) -> None:
+                client = Client(str(daemon.socket), timeout_s=10)
+                while not killed.is_set():
+                    try:
+                        jobs = client.submit([str(speech["fox"])])
+                    except Exception:
+                        continue  # cut off by the kill, or told to retry
+                    with lock:
+                        acked.extend(j.id for j in jobs)
+                        if len(acked) >= target and not killed.is_set():
+                            killed.set()
+                            daemon.kill_group()  # right after this acknowledgement, others in flight
+
+            threads = [threading.Thread(target=submit_until_killed, daemon=True) for _ in range(submitters)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120)
+            assert killed.is_set(), f"{tag} the submitters stopped before the kill"
+        daemon.start(own_group=True)
+        found: dict[int, str] = {}
+        for i in range(0, len(acked), 500):
+            found.update((j.id, j.state.value) for j in daemon.client.status(acked[i : i + 500]))
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.kill_group()
+    lost = sorted(set(acked) - set(found))
+    figures.append(
+        f"kill -9 right after an acknowledgement {tag}: {rounds} rounds, {submitters} concurrent submitters, "
+        f"{len(acked)} jobs acknowledged, lost {len(lost)}"
+    )
+    assert not lost, f"{tag} acknowledged jobs lost: {lost[:20]}"
+    assert set(found.values()) == {"PENDING"}, f"{tag} {sorted(set(found.values()))}"
+
+
 def test_the_history_checks_see_a_job_run_twice_and_a_broken_chain() -> None:
     """The checks above can fail: overlapping runs, a second result and a gap in the chain are all seen."""
 

@@ -82,8 +82,10 @@ def build(
     clock: Callable[[], float] | None = None,
     spawner: Spawner | None = None,
     config_loader: Callable[[], Config] | None = None,
+    store: SqliteStore | None = None,
 ) -> App:
-    store = SqliteStore(tmp_path / "jobs.sqlite3")
+    """store: the job store (None: a SqliteStore in tmp_path)."""
+    store = store or SqliteStore(tmp_path / "jobs.sqlite3")
     return App(
         config, store, Spool(tmp_path / "spool"), probe or FakeProbe(),
         spawner=spawner or fake_worker_spawner(tmp_path / "fake-worker"),
@@ -102,12 +104,12 @@ def submit(
         source.write_text(script)
         fd = os.open(source, os.O_RDONLY)
         try:
-            path, _ = spool.copy_from_fd(fd, 1 << 20)
+            path, size = spool.copy_from_fd(fd, 1 << 20)
         finally:
             os.close(fd)
         new_jobs.append(
-            NewJob(spool_path=path, filename=source.name, owner_uid=os.geteuid(), model=model,
-                   language=None, task="transcribe", priority=priority, word_timestamps=False)
+            NewJob(spool_path=path, spool_bytes=size, filename=source.name, owner_uid=os.geteuid(),
+                   model=model, language=None, task="transcribe", priority=priority, word_timestamps=False)
         )  # fmt: skip
     jobs = app.registry.add(new_jobs)
     app.wakeup.set()

@@ -8,18 +8,18 @@ from whisperctl.render import stats_text, users_table
 from whisperd.jobs import JobEvent, JobState
 from whisperd.ledger import Ledger, UserFigures, spool_sizes
 from whisperd.protocol import StatsView, UserStatsView
-from whisperd.store import JobRow
+from whisperd.store import JobRow, QueueEntry, UserTotal
 
 S, E = JobState, JobEvent
 ANA, BEN = 1001, 1002
 
 
-def row(id: int, owner: int = ANA, model: str = "small", priority: int = 0) -> JobRow:
+def row(id: int, owner: int = ANA, model: str = "small", priority: int = 0, size: int = 0) -> JobRow:
     return JobRow(
         id=id, state=S.PENDING, progress=0.0, retries=0, device=None, worker=None, model=model, language=None,
         task="transcribe", priority=priority, word_timestamps=False, error=None, filename=f"{id}.wav",
-        owner_uid=owner, audio_duration_s=None, spool_path=f"/spool/{id}", created_at=0.0, updated_at=0.0,
-        queued_at=float(id), started_at=None, finished_at=None, not_before=None,
+        owner_uid=owner, audio_duration_s=None, spool_path=f"/spool/{id}", spool_bytes=size, created_at=0.0,
+        updated_at=0.0, queued_at=float(id), started_at=None, finished_at=None, not_before=None,
     )  # fmt: skip
 
 
@@ -30,7 +30,9 @@ def move(ledger: Ledger, job: JobRow, event: JobEvent, new: JobState) -> None:
 
 
 def lanes(ledger: Ledger, take: int = 100) -> dict[tuple[int, int, str], tuple[int, list[int]]]:
-    return {key: (count, [j.id for j in first]) for key, count, first in ledger.lanes(take)}
+    return {
+        key: (count, [job_id for job_id, _queued_at in first]) for key, count, first in ledger.lanes(take)
+    }
 
 
 def test_pending_jobs_form_fifo_lanes_by_priority_user_and_model() -> None:
@@ -58,10 +60,9 @@ def test_pending_jobs_form_fifo_lanes_by_priority_user_and_model() -> None:
 
 def test_each_user_s_figures_follow_their_jobs() -> None:
     ledger = Ledger()
-    a1, a2, b1 = row(1), row(2), row(3, BEN)
-    for job, size in ((a1, 100), (a2, 50), (b1, 7)):
+    a1, a2, b1 = row(1, size=100), row(2, size=50), row(3, BEN, size=7)
+    for job in (a1, a2, b1):
         ledger.moved(job, None, None)
-        ledger.spooled(job, size)
     assert ledger.user(ANA) == UserFigures(waiting_jobs=2, spool_bytes=150)
     move(ledger, a1, E.DISPATCH, S.PROCESSING)
     assert ledger.user(ANA) == UserFigures(waiting_jobs=1, running_jobs=1, spool_bytes=150, last_served=1)
@@ -91,23 +92,37 @@ def test_last_served_grows_with_each_dispatch_and_names_only_users_served() -> N
     assert ledger.last_served() == {ANA: 3, BEN: 2}
 
 
-def test_a_size_measured_after_its_job_finished_is_ignored() -> None:
+def test_recovered_books_come_from_the_store_s_totals_and_its_queue() -> None:
     ledger = Ledger()
-    job = row(1)
-    ledger.moved(job, None, None)
-    move(ledger, job, E.CANCEL, S.CANCELLED)
-    ledger.spooled(job, 999)
-    assert ledger.user(ANA).spool_bytes == 0
-
-
-def test_recovered_jobs_enter_their_state_without_counting_as_finished() -> None:
-    ledger = Ledger()
-    running = row(1)
+    totals = [
+        UserTotal(owner_uid=ANA, state=S.PENDING, jobs=2, spool_bytes=30),
+        UserTotal(owner_uid=ANA, state=S.PROCESSING, jobs=1, spool_bytes=5),
+        UserTotal(owner_uid=BEN, state=S.RETRYING, jobs=1, spool_bytes=7),
+    ]
+    queue: list[list[QueueEntry]] = [[(4, 0, ANA, "small", 40.0)], [(7, 0, ANA, "small", 70.0)]]
+    ledger.load(totals, iter(queue))
+    assert ledger.user(ANA) == UserFigures(waiting_jobs=2, running_jobs=1, spool_bytes=35)
+    assert ledger.user(BEN) == UserFigures(waiting_jobs=1, spool_bytes=7)
+    assert lanes(ledger) == {(0, ANA, "small"): (2, [4, 7])}, "in the order the store read them"
+    running = row(1, size=5)
     running.state = S.PROCESSING
-    ledger.moved(running, None, None)
-    assert ledger.user(ANA) == UserFigures(running_jobs=1)
     move(ledger, running, E.REQUEUE, S.PENDING)
-    assert ledger.user(ANA) == UserFigures(waiting_jobs=1), "a requeue is no turn served"
+    assert ledger.user(ANA) == UserFigures(waiting_jobs=3, spool_bytes=35), "a requeue is no turn served"
+    assert lanes(ledger)[(0, ANA, "small")] == (3, [4, 7, 1])
+
+
+def test_the_oldest_pending_job_and_the_models_queued_are_read_from_the_lanes() -> None:
+    ledger = Ledger()
+    assert ledger.oldest_pending_since() is None and ledger.pending_models() == set()
+    a, b, c = row(5, model="large"), row(3, BEN), row(9)
+    for job in (a, b, c):
+        ledger.moved(job, None, None)
+    assert ledger.oldest_pending_since() == 3.0
+    assert ledger.pending_models() == {"small", "large"}
+    move(ledger, b, E.DISPATCH, S.PROCESSING)
+    assert ledger.oldest_pending_since() == 5.0
+    move(ledger, a, E.CANCEL, S.CANCELLED)
+    assert ledger.pending_models() == {"small"}
 
 
 def test_spool_sizes_stat_each_file_and_count_a_missing_one_as_zero(tmp_path: Path) -> None:
