@@ -60,11 +60,17 @@ async def _report_status(notifier: systemd.Notifier, views: Views) -> None:
         await asyncio.sleep(1.0)
 
 
+GIL_SWITCH_INTERVAL_S = 0.001
+
+
 async def serve(config_path: Path | None, log_level: str | None) -> int:
     config = load_config(config_path)
     setup_logging(log_level or config.daemon.log_level)
     notifier = systemd.Notifier()
     os.umask(0o077)  # users' transcripts and audio are the daemon's alone, whatever umask it inherited
+    # Threads (spooling, flushes, the orphan scan, retention) run Python too: the loop waits at most this long
+    # for the interpreter when one holds it, not the default 5 ms.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     state_dir = Path(config.daemon.state_dir)
     prepare_state_dir(state_dir)
     lock = StateDirLock(state_dir)

@@ -39,8 +39,8 @@ class DaemonConfig(_Section):
     send_timeout_s: Positive = 10.0  # a client that reads none of a reply for this long is disconnected
     max_audio_bytes: PositiveInt = 4 * GIB
     # Audio is copied into the spool by a pool of threads of its own (a read that never returns holds one):
-    spool_threads: PositiveInt = 8
-    max_spools_per_user: PositiveInt = 2  # copies one uid may have in progress at once; more: busy
+    spool_threads: PositiveInt = 16
+    max_spools_per_user: PositiveInt = 4  # copies one uid may have in progress at once; more: busy
     spool_timeout_s: Positive = 300.0  # a submit whose audio is not spooled by then is answered with an error
     max_queued_jobs: PositiveInt = 10_000
     # Per uid, so one user cannot fill the queue or the spool; root and the daemon's user are exempt.

@@ -27,7 +27,6 @@ from whisperd.errors import (
 )
 from whisperd.fleet import Fleet
 from whisperd.jobs import JobEvent, JobState
-from whisperd.ledger import spool_sizes
 from whisperd.registry import JobRegistry
 from whisperd.spool import Spool
 from whisperd.spooling import Spooler
@@ -50,6 +49,9 @@ def may_control(owner_uid: int, caller_uid: int, daemon_uid: int) -> bool:
     """Anyone who reaches the socket may see the queue; only the submitter, root or the daemon's own user
     may cancel a job or read its result."""
     return caller_uid == owner_uid or is_privileged(caller_uid, daemon_uid)
+
+
+_COPIES_PER_SUBMIT = 4  # files of one submit copied at once, at most
 
 
 async def _nothing_to_wait_for() -> None:
@@ -119,17 +121,17 @@ class Handlers:
             raise QueueFull(f"the queue is at its limit of {limit} jobs; try again later")
         self._check_user_limits(caller, config, len(request.files), len(request.files))  # audio: >= 1 byte
         sources: list[tuple[int, bool]] = []
+        copies: dict[int, tuple[str, int]] = {}  # file's index -> its spool path and size, as they finish
         spooled: list[str] = []
         try:
             for f in request.files:
                 sources.append(self._open(f, caller, fds))
-            d = config.daemon
-            for (fd, _owned), f in zip(sources, request.files, strict=True):
-                path = await self._spooler.copy(
-                    fd, f.name, caller.uid, d.max_audio_bytes, d.max_spools_per_user, d.spool_timeout_s
-                )
-                spooled.append(path)
-            sizes = await asyncio.to_thread(spool_sizes, dict(enumerate(spooled)))  # our own files: quick
+            try:
+                await self._copy_all([fd for fd, _owned in sources], request.files, caller, config, copies)
+            finally:
+                spooled = [path for path, _size in copies.values()]
+            paths = [copies[i][0] for i in range(len(request.files))]
+            sizes = {i: copies[i][1] for i in range(len(request.files))}
             # No await from here to the commit, so what others submitted meanwhile is counted.
             if self._registry.waiting_count() + len(request.files) > limit:  # others submitted meanwhile
                 raise QueueFull(f"the queue is at its limit of {limit} jobs; try again later")
@@ -140,7 +142,7 @@ class Handlers:
                     language=request.language, task=request.task, priority=request.priority,
                     word_timestamps=request.word_timestamps,
                 )
-                for i, (path, f) in enumerate(zip(spooled, request.files, strict=True))
+                for i, (path, f) in enumerate(zip(paths, request.files, strict=True))
             ]  # fmt: skip
             records = self._registry.add(new_jobs)
         except BaseException:
@@ -158,6 +160,38 @@ class Handlers:
         # but the caller never learns their ids (docs/architecture.md, the walk of a job).
         await self._durable()
         return reply
+
+    async def _copy_all(
+        self,
+        fds: list[int],
+        files: list[p.SubmitFile],
+        caller: Caller,
+        config: Config,
+        copies: dict[int, tuple[str, int]],
+    ) -> None:
+        """Copy the files into the spool, several at once, into `copies` as each finishes. The first error
+        stops the others and is raised as it is; what was copied is in `copies` for the caller to discard."""
+        d = config.daemon
+        todo = iter(enumerate(zip(fds, files, strict=True)))
+
+        async def copy_next() -> None:
+            for i, (fd, f) in todo:  # shared: each file is taken once, by whichever copier is free
+                copies[i] = await self._spooler.copy(
+                    fd, f.name, caller.uid, d.max_audio_bytes, d.max_spools_per_user, d.spool_timeout_s
+                )
+
+        # Half the user's copies at most (and no more than the disk gains from), so that another submit of
+        # the same user still finds a free one.
+        free = max(1, d.max_spools_per_user - self._spooler.in_progress(caller.uid))
+        width = min(len(files), _COPIES_PER_SUBMIT, max(1, d.max_spools_per_user // 2), free)
+        if width == 1:
+            return await copy_next()
+        try:
+            async with asyncio.TaskGroup() as copiers:
+                for _ in range(width):
+                    copiers.create_task(copy_next())
+        except BaseExceptionGroup as failed:  # the others were cancelled: answer the first error itself
+            raise failed.exceptions[0] from None
 
     def _check_priority(self, priority: int, caller: Caller, config: Config) -> None:
         """Lowering one's priority is anyone's right; raising it above the configured maximum is not."""

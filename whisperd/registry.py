@@ -114,7 +114,11 @@ class JobRegistry:
 
     def remove_orphan_spools(self, before: float) -> int:
         """Spool files no live job needs, written before `before` (wall clock); blocking: in a thread."""
-        return self._spool.remove_orphans(self._store.spool_names_in_use(), before)
+        names = self._store.spool_names_in_use()
+        try:
+            return self._spool.remove_orphans(names, before)
+        finally:
+            names.clear()
 
     # ---- reads ---------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import errno
 import os
 import stat
 import uuid
+from collections.abc import Container
 from pathlib import Path
 
 from whisperd.errors import InvalidAudio, StorageFull
@@ -81,7 +82,7 @@ class Spool:
         if path:
             Path(path).unlink(missing_ok=True)
 
-    def remove_orphans(self, names_in_use: set[str], before: float | None = None) -> int:
+    def remove_orphans(self, names_in_use: Container[str], before: float | None = None) -> int:
         """Spool files of submits that crashed before their commit, or of jobs already finished: those not in
         use and, given `before` (a wall-clock time), last written before it, so that a file a submit spools
         while this runs is never taken for one. Blocking: run it in a thread."""

@@ -39,8 +39,9 @@ class Spooler:
 
     async def copy(
         self, fd: int, name: str, uid: int, max_bytes: int, per_user: int, timeout_s: float
-    ) -> str:
-        """Copy the open file fd into the spool for user uid; returns the spool path. Raises Busy when uid
+    ) -> tuple[str, int]:
+        """Copy the open file fd into the spool for user uid; returns the spool path and the bytes copied.
+        Raises Busy when uid
         already has per_user copies in progress or no thread took this one within timeout_s, InvalidAudio
         when the read did not finish within timeout_s, and whatever Spool.copy_from_fd raises."""
         if self._in_progress[uid] >= per_user:
@@ -65,8 +66,7 @@ class Spooler:
         future.add_done_callback(lambda done: self._call_on_loop(loop, copy, done))
         try:
             async with asyncio.timeout(timeout_s):
-                path, _size = await asyncio.wrap_future(future)
-                return path
+                return await asyncio.wrap_future(future)
         except TimeoutError:
             copy.abandoned = True
             if future.cancel():  # it was still waiting for a thread

@@ -33,6 +33,7 @@ from whisperd.store import (
     MUTABLE_COLUMNS,
     EventRow,
     JobRow,
+    Names,
     NewJob,
     QueueEntry,
     SavedTransition,
@@ -407,13 +408,13 @@ class SqliteStore:
         rows = self._query("SELECT state, COUNT(*) FROM jobs GROUP BY state")
         return {JobState(state): count for state, count in rows}
 
-    def spool_names_in_use(self) -> set[str]:
+    def spool_names_in_use(self) -> Names:
         """On a read-only connection of its own, so a thread may call it while the loop writes."""
         db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=_BACKGROUND_BUSY_S)
         try:
             rows = db.execute("SELECT spool_path FROM jobs WHERE spool_path IS NOT NULL")
             # By name: the state dir may be reached by another path now (basename: a Path per row is slow).
-            return {os.path.basename(r[0]) for r in rows}
+            return Names(os.path.basename(r[0]) for r in rows)
         except sqlite3.OperationalError as exc:
             raise storage_error(exc) from exc
         finally:

@@ -3,7 +3,9 @@ backend behind it (sqlite_store.py), and a shared database for many hosts can be
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Protocol
 
 import msgspec
@@ -82,6 +84,32 @@ class EventRow(msgspec.Struct, frozen=True, kw_only=True):
     event: str
     worker: str | None
     error: str | None
+
+
+class Names(AbstractSet[str]):
+    """A set of many names, in many small sets (by hash): none ever grows big, so no resize of a million
+    entries holds the interpreter for tens of milliseconds while the loop, in another thread, waits for it."""
+
+    _SHARDS = 1024
+
+    def __init__(self, names: Iterable[str] = ()) -> None:
+        self._shards: list[set[str]] = [set() for _ in range(self._SHARDS)]
+        for name in names:
+            self._shards[hash(name) % self._SHARDS].add(name)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._shards[hash(name) % self._SHARDS]
+
+    def __iter__(self) -> Iterator[str]:
+        return itertools.chain.from_iterable(self._shards)
+
+    def __len__(self) -> int:
+        return sum(map(len, self._shards))
+
+    def clear(self) -> None:
+        """Shard by shard: freeing a million strings at once would hold the interpreter for 50 ms."""
+        for shard in self._shards:
+            shard.clear()
 
 
 # What the scheduler's lanes keep of a PENDING job: (id, priority, owner_uid, model, queued_at). A plain
@@ -165,7 +193,7 @@ class Store(Protocol):
 
     def history(self, job_id: int) -> list[EventRow]: ...
 
-    def spool_names_in_use(self) -> set[str]:
+    def spool_names_in_use(self) -> Names:
         """File names of the spooled audio that live jobs still need; safe to call from a thread."""
         ...
 

@@ -279,6 +279,48 @@ def test_a_queue_filled_while_the_audio_was_copied_refuses_the_submit_and_discar
     assert [j.owner_uid for j in parts.store.live_jobs()] == [OTHER_USER.uid]
 
 
+def test_a_request_s_files_are_copied_as_many_at_once_as_its_user_may_and_kept_in_order(parts: Parts) -> None:
+    """With the default daemon.max_spools_per_user (4), two copies of one request run at once: each waits here
+    until the other has started, which a one-after-another copy would never reach."""
+    both_started = threading.Barrier(2, timeout=10)
+
+    class PairedSpool(Spool):
+        def copy_from_fd(self, fd: int, max_bytes: int) -> tuple[str, int]:
+            both_started.wait()
+            return super().copy_from_fd(fd, max_bytes)
+
+    handlers = Handlers(
+        parts.registry, PairedSpool(parts.spool.directory), cast(Fleet, parts.fleet),
+        cast(Views, FakeViews()), config=lambda: parts.config, is_draining=lambda: False, wake=lambda: None,
+        daemon_uid=DAEMON_UID,
+    )  # fmt: skip
+    fds = [parts.audio(f"audio {i}".encode()) for i in range(4)]
+    files = [p.SubmitFile(name=f"talk{i}.wav", fd_index=i) for i in range(4)]
+    reply = call(handlers.submit(p.Submit(files=files), USER, fds))
+    assert isinstance(reply, p.Jobs) and [j.filename for j in reply.jobs] == [f.name for f in files]
+    for job in reply.jobs:
+        path = parts.store.get(job.id).spool_path  # type: ignore[union-attr]
+        assert Path(path or "").read_bytes() == f"audio {job.filename[4]}".encode(), (
+            "each job has its own audio"
+        )
+    assert parts.registry.user_figures(USER.uid).spool_bytes == 4 * len(b"audio 0")
+
+
+def test_one_bad_file_among_many_refuses_the_request_and_leaves_no_copy_behind(parts: Parts) -> None:
+    fds = [parts.audio(b"fine audio"), parts.audio(b""), parts.audio(b"more audio"), parts.audio(b"last")]
+    files = [p.SubmitFile(name=f"talk{i}.wav", fd_index=i) for i in range(4)]
+
+    async def submit_then_settle() -> None:
+        with pytest.raises(InvalidAudio):
+            await parts.handlers.submit(p.Submit(files=files), USER, fds)
+        # A copy still running when its sibling failed is abandoned, and discarded once its thread is done.
+        await until(lambda: parts.spooled() == [], 10)
+
+    asyncio.run(submit_then_settle())
+    assert parts.store.live_jobs() == [] and parts.registry.counts()["PENDING"] == 0, "none queued"
+    assert len(parts.submit(count=3)) == 3, "the next submit works"
+
+
 def test_submit_while_draining_is_refused(parts: Parts) -> None:
     parts.draining = True
     error = refused(parts, p.Submit(files=[p.SubmitFile(name="a.wav", fd_index=0)]), USER, [parts.audio()])
