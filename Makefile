@@ -53,6 +53,7 @@ lint: venv
 
 bench: venv system-deps
 	$(PY) bench/throughput.py $(BENCH_ARGS)
+	$(PY) bench/batching.py
 	$(PY) bench/scrape_cost.py
 	$(PY) bench/scale.py --jobs $(SCALE_JOBS)
 	$(PY) bench/cli_start.py

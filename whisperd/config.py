@@ -125,6 +125,12 @@ class TranscribeConfig(_Section):
     default_model: str = "tiny.en"
     beam_size: PositiveInt = 5
     vad_filter: bool = False
+    # batched: a worker decodes the ≤ 30 s windows (cut at silences) of all the jobs of a batch together, up
+    # to *_chunk_batch windows per call; sequential: one job after another, faster-whisper's own transcribe,
+    # whose output equals a bare faster-whisper run's (conditioning on previous text, finer segments).
+    mode: Literal["batched", "sequential"] = "batched"
+    cpu_chunk_batch: PositiveInt = 8  # windows decoded per call on a CPU worker
+    gpu_chunk_batch: PositiveInt = 16  # on a GPU worker; halved (down to 1) on a CUDA out-of-memory error
     # Longest audio a job may hold; longer audio fails (from its header, or while decoding when the header
     # does not say). 4 hours: a long meeting or lecture, and the worker's memory cap is sized for it.
     max_audio_duration_s: Positive = 4 * 3600.0

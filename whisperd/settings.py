@@ -27,14 +27,15 @@ def plan_settings(config: Config, estimates: MemoryEstimates) -> PlanSettings:
     )  # fmt: skip
 
 
-def job_spec(job: JobRow, config: Config) -> wp.JobSpec:
-    """What a worker is told to do for one job, under the running configuration."""
+def job_spec(job: JobRow, config: Config, on_gpu: bool = False) -> wp.JobSpec:
+    """What a worker is told to do for one job, under the running configuration (on_gpu: the worker's)."""
     assert job.spool_path is not None  # a live job keeps its audio
     t, w = config.transcribe, config.workers
     return wp.JobSpec(
         job_id=job.id, audio_path=job.spool_path, model=job.model, model_source=config.models[job.model],
         language=job.language, task=job.task, word_timestamps=job.word_timestamps, beam_size=t.beam_size,
-        vad_filter=t.vad_filter, filename=job.filename, max_audio_duration_s=t.max_audio_duration_s,
+        vad_filter=t.vad_filter, mode=t.mode, chunk_batch=t.gpu_chunk_batch if on_gpu else t.cpu_chunk_batch,
+        filename=job.filename, max_audio_duration_s=t.max_audio_duration_s,
         max_result_bytes=w.max_result_bytes, audio_formats=list(w.audio_formats),
     )  # fmt: skip
 

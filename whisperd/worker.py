@@ -24,7 +24,9 @@ import msgspec
 from whisperd import sandbox
 from whisperd import workerproto as wp
 from whisperd.audiodecode import AudioRefused
+from whisperd.batching import Prepared, WindowDecoder, decode_together
 from whisperd.protocol import Segment, Transcript, Word
+from whisperd.workeraudio import AudioInbox, AudioSource, PathAudio
 
 log = logging.getLogger("whisperd.worker")
 _PR_SET_PDEATHSIG = 1
@@ -48,63 +50,6 @@ class Transcriber(Protocol):
     def transcribe(self, model: Any, audio: Any, spec: wp.JobSpec) -> tuple[Iterable[Segment], AudioInfo]:
         """Segments as they are decoded (lazily: the worker checks for a cancel between them)."""
         ...
-
-
-class AudioSource(Protocol):
-    def open(self, batch_id: int, spec: wp.JobSpec) -> BinaryIO:
-        """The job's audio, open for reading; raises OSError when it cannot be had."""
-        ...
-
-    def drain(self) -> None:
-        """The batch is over: let go of the audio of its jobs that were never opened."""
-        ...
-
-
-class PathAudio:
-    """Opens the job's audio by its path (a worker run without the daemon's descriptors)."""
-
-    def open(self, batch_id: int, spec: wp.JobSpec) -> BinaryIO:
-        return open(spec.audio_path, "rb")  # the caller closes it
-
-    def drain(self) -> None:
-        pass
-
-
-class AudioInbox:
-    """The jobs' audio as descriptors the daemon opened and sent over a socket, one message per job of a
-    batch, in order, before the batch itself: a sandboxed worker cannot open the spool, and needs not."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._sock.setblocking(False)  # every message of a batch is there before the batch is
-
-    def _next(self) -> tuple[int, int, int | None] | None:
-        try:
-            data, fds, _flags, _addr = socket.recv_fds(self._sock, wp.AUDIO_MESSAGE.size, 1)
-        except BlockingIOError:
-            return None
-        if len(data) != wp.AUDIO_MESSAGE.size:
-            for fd in fds:
-                os.close(fd)
-            return None
-        batch_id, job_id = wp.AUDIO_MESSAGE.unpack(data)
-        return batch_id, job_id, fds[0] if fds else None
-
-    def open(self, batch_id: int, spec: wp.JobSpec) -> BinaryIO:
-        while (message := self._next()) is not None:
-            got_batch, got_job, fd = message
-            if (got_batch, got_job) == (batch_id, spec.job_id):
-                if fd is None:
-                    raise FileNotFoundError("the audio is no longer in the spool")
-                return os.fdopen(fd, "rb")
-            if fd is not None:  # a job of the batch that was skipped (cancelled, stopped)
-                os.close(fd)
-        raise FileNotFoundError("the daemon passed no audio for this job")
-
-    def drain(self) -> None:
-        while (message := self._next()) is not None:
-            if message[2] is not None:
-                os.close(message[2])
 
 
 class WorkerArgs(msgspec.Struct, frozen=True, kw_only=True):
@@ -169,15 +114,59 @@ class Worker:
     def run(self) -> None:
         self.send(wp.Ready(pid=os.getpid(), models=list(self._models)))
         while (batch := self._batches.get()) is not None:
-            out_of_memory = False
-            for spec in batch.jobs:
-                if out_of_memory:  # the rest goes back to the daemon, to be placed again with more room
-                    self._cancelled.discard(spec.job_id)
-                    self.send(wp.Stopped(job_id=spec.job_id, reason="batch_stopped"))
-                else:
-                    out_of_memory = self.run_job(spec, batch.batch_id) == "oom"
+            decoder = self._transcriber if isinstance(self._transcriber, WindowDecoder) else None
+            if decoder is not None and all(spec.mode == "batched" for spec in batch.jobs):
+                self.run_batched(batch, decoder)
+            else:
+                self.run_sequential(batch)
             self._audio.drain()
             self.send(wp.BatchDone(batch_id=batch.batch_id, models=list(self._models)))
+
+    def run_sequential(self, batch: wp.RunBatch) -> None:
+        out_of_memory = False
+        for spec in batch.jobs:
+            if out_of_memory:  # the rest goes back to the daemon, to be placed again with more room
+                self._cancelled.discard(spec.job_id)
+                self.send(wp.Stopped(job_id=spec.job_id, reason="batch_stopped"))
+            else:
+                out_of_memory = self.run_job(spec, batch.batch_id) == "oom"
+
+    def run_batched(self, batch: wp.RunBatch, decoder: WindowDecoder) -> None:
+        """Every job's audio decoded and cut first, then their windows decoded together (batching.py)."""
+        by_model: dict[str, tuple[Any, list[Prepared]]] = {}
+        for spec in batch.jobs:
+            if spec.job_id in self._cancelled:
+                self.send(wp.Stopped(job_id=spec.job_id, reason="cancelled"))
+                continue
+            self.send(wp.Started(job_id=spec.job_id))
+            started = time.monotonic()
+            audio = self._decode(spec, batch.batch_id)
+            if isinstance(audio, str) or len(audio) == 0:
+                self._fatal(spec, audio if isinstance(audio, str) else "it holds no audio samples")
+                continue
+            try:
+                model = self.model(spec.model, spec.model_source)
+            except Exception as exc:
+                kind: wp.FailureKind = "oom" if classify(exc) == "oom" else "fatal"
+                self.send(
+                    wp.Failed(
+                        job_id=spec.job_id, kind=kind, error=f"model {spec.model!r} cannot be loaded: {exc}"
+                    )
+                )
+                continue
+            try:
+                windows, info = decoder.windows(model, audio, spec)
+            except Exception as exc:
+                _JobReports(self).failed(spec, exc)
+                continue
+            entry = by_model.setdefault(spec.model, (model, []))
+            entry[1].append(Prepared(spec, audio, info, windows, started=started))
+        for model, prepared in by_model.values():
+            decode_together(
+                decoder, model, prepared, _JobReports(self), self._cancelled.__contains__, finite_segment
+            )
+        for spec in batch.jobs:
+            self._cancelled.discard(spec.job_id)
 
     def model(self, name: str, source: str) -> Any:
         """A loaded model by its users' name, loading it (and dropping the least recently used) if needed.
@@ -248,7 +237,9 @@ class Worker:
             failure = classify(exc)
             self.send(wp.Failed(job_id=spec.job_id, kind=failure, error=str(exc) or type(exc).__name__))
             return failure
-        processing_s = time.monotonic() - started
+        return self.finish(spec, transcript, time.monotonic() - started)
+
+    def finish(self, spec: wp.JobSpec, transcript: Transcript, processing_s: float) -> wp.FailureKind | None:
         line = wp.encode(wp.Finished(job_id=spec.job_id, transcript=transcript, processing_s=processing_s))
         if spec.max_result_bytes and len(line) > spec.max_result_bytes:
             # Over the daemon's line limit it would be lost with the worker; a retry makes the same one.
@@ -277,6 +268,28 @@ class Worker:
             text="".join(s.text for s in segments).strip(),
             segments=segments,
         )
+
+
+class _JobReports:
+    """What batched decoding reports of each job, as the worker's messages."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    def progress(self, spec: wp.JobSpec, progress: float, duration_s: float) -> None:
+        self._worker.send(wp.Progress(job_id=spec.job_id, progress=progress, audio_duration_s=duration_s))
+
+    def finished(self, spec: wp.JobSpec, transcript: Transcript, processing_s: float) -> None:
+        self._worker.finish(spec, transcript, processing_s)
+
+    def failed(self, spec: wp.JobSpec, exc: Exception) -> None:
+        log.error("job %d failed: %s", spec.job_id, exc)
+        self._worker.send(
+            wp.Failed(job_id=spec.job_id, kind=classify(exc), error=str(exc) or type(exc).__name__)
+        )
+
+    def stopped(self, spec: wp.JobSpec) -> None:
+        self._worker.send(wp.Stopped(job_id=spec.job_id, reason="cancelled"))
 
 
 def _finite(value: float, default: float) -> float:

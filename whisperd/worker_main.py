@@ -3,11 +3,14 @@ imports faster_whisper. Started by the daemon as `python -m whisperd.worker_main
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import bisect
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, BinaryIO
 
 from whisperd import audiodecode
 from whisperd import workerproto as wp
+from whisperd.audiodecode import SAMPLE_RATE
+from whisperd.batching import MAX_WINDOW_S, Span, cut_windows
 from whisperd.config import AUDIO_FORMATS, BUNDLED_MODEL
 from whisperd.protocol import Segment, Word
 from whisperd.worker import AudioInfo, WorkerArgs, run_worker
@@ -55,6 +58,84 @@ class FasterWhisper:
         )
         audio_info = AudioInfo(info.language, float(info.language_probability), float(info.duration))
         return _segments(segments), audio_info
+
+    # ---- batched mode (batching.py) ----------------------------------------------------------------------
+
+    def windows(self, model: Any, audio: Any, spec: wp.JobSpec) -> tuple[list[Span], AudioInfo]:
+        """Cut at silences by faster-whisper's Silero VAD (audio of 30 s or less is one window); the language
+        is the spec's, else detected on this job's own audio (a batch may mix languages)."""
+        from faster_whisper.vad import VadOptions, get_speech_timestamps
+
+        duration_s = len(audio) / SAMPLE_RATE
+        language, probability = spec.language or "en", 1.0
+        if model.model.is_multilingual and spec.language is None:
+            language, probability, _ = model.detect_language(audio)
+        elif not model.model.is_multilingual:
+            language = "en"  # as faster-whisper does for an English-only model
+        info = AudioInfo(language, float(probability), duration_s)
+        if duration_s <= MAX_WINDOW_S:
+            return [(0.0, duration_s)], info
+        options = VadOptions(max_speech_duration_s=MAX_WINDOW_S, min_silence_duration_ms=160)
+        speech = get_speech_timestamps(audio, options)
+        regions = [(s["start"] / SAMPLE_RATE, s["end"] / SAMPLE_RATE) for s in speech]
+        return cut_windows(regions, duration_s), info
+
+    def decode_windows(
+        self,
+        model: Any,
+        windows: Sequence[tuple[Any, float, float]],
+        spec: wp.JobSpec,
+        language: str,
+        chunk_batch: int,
+    ) -> Iterator[tuple[int, list[Segment]]]:
+        """faster-whisper's batched pipeline, one call per chunk_batch windows: the chunk's windows end to end
+        in one array, each window a clip of it (clip_timestamps); a segment belongs to the window its start
+        falls in."""
+        for first in range(0, len(windows), chunk_batch):
+            chunk = windows[first : first + chunk_batch]
+            for index, segments in enumerate(self._decode_chunk(model, chunk, spec, language)):
+                yield first + index, segments
+
+    def _decode_chunk(
+        self, model: Any, windows: Sequence[tuple[Any, float, float]], spec: wp.JobSpec, language: str
+    ) -> list[list[Segment]]:
+        import numpy as np
+        from faster_whisper import BatchedInferencePipeline
+
+        pieces = [audio[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)] for audio, start, end in windows]
+        offsets_s, at = [], 0
+        for piece in pieces:
+            offsets_s.append(at / SAMPLE_RATE)
+            at += len(piece)
+        clips = [
+            {"start": o, "end": o + len(p) / SAMPLE_RATE} for o, p in zip(offsets_s, pieces, strict=True)
+        ]
+        decoded, _info = BatchedInferencePipeline(model).transcribe(
+            np.concatenate(pieces), language=language, task=spec.task, beam_size=spec.beam_size,
+            word_timestamps=spec.word_timestamps, vad_filter=False, clip_timestamps=clips,
+            batch_size=len(windows),
+        )  # fmt: skip
+        # faster-whisper marks each segment with its clip's offset in frames (seek): its window. Its start
+        # time is no guide, since word timestamps may move it into the window before.
+        fps = model.frames_per_second
+        window_at = {int(offset * fps): index for index, offset in enumerate(offsets_s)}
+        by_window: list[list[Segment]] = [[] for _ in windows]
+        for raw in decoded:
+            index = window_at.get(raw.seek)
+            if index is None:  # a window shorter than a frame shares its seek: place it by its start
+                index = max(0, bisect.bisect_right(offsets_s, raw.start + 0.001) - 1)
+            [segment] = _segments([raw])
+            by_window[index].append(_shifted(segment, windows[index][1] - offsets_s[index]))
+        return by_window
+
+
+def _shifted(segment: Segment, by_s: float) -> Segment:
+    words = None
+    if segment.words is not None:
+        words = [Word(start=w.start + by_s, end=w.end + by_s, word=w.word, probability=w.probability)
+                 for w in segment.words]  # fmt: skip
+    return Segment(id=segment.id, start=segment.start + by_s, end=segment.end + by_s, text=segment.text,
+                   words=words)  # fmt: skip
 
 
 def _segments(decoded: Iterable[Any]) -> Iterator[Segment]:

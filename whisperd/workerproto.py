@@ -20,6 +20,8 @@ class JobSpec(msgspec.Struct, kw_only=True):
     word_timestamps: bool
     beam_size: int
     vad_filter: bool
+    mode: Literal["batched", "sequential"] = "sequential"  # how the worker decodes it (transcribe.mode)
+    chunk_batch: int = 1  # windows per decoding call in batched mode (the worker's device kind's setting)
     filename: str = ""  # as its user submitted it: what error messages name (never the spool path)
     max_audio_duration_s: float = 0.0  # 0: no limit
     max_result_bytes: int = 0  # the encoded Finished line; 0: no limit

@@ -56,7 +56,6 @@ def worker_specs(config: Config, gpus: list[GpuReading], cpu_count: int) -> list
                 env = {
                     "CUDA_VISIBLE_DEVICES": gpu.uuid or str(gpu.index),
                     "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-                    "OMP_NUM_THREADS": str(w.cpu_threads),
                 }
                 worker_id = f"gpu{gpu.index}" + (f".{slot}" if slot else "")
                 specs.append(WorkerSpec(id=worker_id, device=gpu_name(gpu.index), argv=argv, env=env))
@@ -64,6 +63,8 @@ def worker_specs(config: Config, gpus: list[GpuReading], cpu_count: int) -> list
     if cpu_workers < 0:
         cpu_workers = 0 if specs else cpu_count
     argv = worker_argv("cpu", w.cpu_compute_type, w.cpu_threads, w.max_models_per_worker, preload) + confined
-    env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(w.cpu_threads)}
+    # No OMP_NUM_THREADS: CTranslate2 takes its threads from --cpu-threads, and OMP_NUM_THREADS=1 changed the
+    # decoder's numerics, so transcripts differed from a bare faster-whisper run's with the same settings.
+    env = {"CUDA_VISIBLE_DEVICES": ""}
     specs += [WorkerSpec(id=f"cpu{i}", device=CPU, argv=argv, env=env) for i in range(cpu_workers)]
     return specs

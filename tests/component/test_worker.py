@@ -29,7 +29,8 @@ import pytest
 from whisperd import workerproto as wp
 from whisperd.audiodecode import AudioRefused
 from whisperd.protocol import Segment, Word
-from whisperd.worker import AudioInbox, AudioInfo, Worker
+from whisperd.worker import AudioInfo, Worker
+from whisperd.workeraudio import AudioInbox
 
 T = TypeVar("T")
 

