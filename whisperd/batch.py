@@ -7,9 +7,14 @@ from collections.abc import Sequence
 
 
 class Batch:
-    def __init__(self, batch_id: int, job_ids: Sequence[int], at: float = 0.0) -> None:
+    def __init__(
+        self, batch_id: int, job_ids: Sequence[int], at: float = 0.0, together: bool = False
+    ) -> None:
+        """together: its jobs are decoded together (batched mode), so none of them alone can be blamed for
+        what its worker does while they run."""
         self.id = batch_id
         self.job_ids = tuple(job_ids)
+        self.together = together and len(self.job_ids) > 1
         self.heard_at = at  # when its worker last said something about it (dispatched, at first)
         self._started: int | None = None
         self._finished: set[int] = set()

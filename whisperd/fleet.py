@@ -46,7 +46,12 @@ class WorkerEvents(Protocol):
     def job_message(self, worker_id: str, device: str, message: wp.JobMessage) -> None: ...
 
     def batch_interrupted(
-        self, worker_id: str, unfinished: Sequence[int], culprit: int | None, error: str
+        self,
+        worker_id: str,
+        unfinished: Sequence[int],
+        culprit: int | None,
+        error: str,
+        suspects: Sequence[int] = (),
     ) -> None: ...
 
 
@@ -140,7 +145,8 @@ class Fleet:
 
     def dispatch(self, worker_id: str, jobs: Sequence[wp.JobSpec], reserve_bytes: int) -> Batch:
         handle = self._handles[worker_id]
-        batch = Batch(self._next_batch_id, [j.job_id for j in jobs], self._clock())
+        together = all(j.mode == "batched" for j in jobs)
+        batch = Batch(self._next_batch_id, [j.job_id for j in jobs], self._clock(), together=together)
         self._next_batch_id += 1
         self._pool.reserve(batch.id, handle.spec.device, reserve_bytes)
         self._batches[worker_id] = batch
@@ -250,7 +256,12 @@ class Fleet:
         else:
             culprit = None if killed_by_us else batch.running_job
             error = f"its worker {handle.id} died (exit status {returncode})"
-        self._events.batch_interrupted(handle.id, batch.unfinished(), culprit, error)
+        suspects: list[int] = []
+        if culprit is not None and batch.together and len(batch.unfinished()) > 1:
+            # Decoded together: which of them did it cannot be told. None is counted; each runs in a batch
+            # of its own next, where whatever its worker does is its own doing.
+            culprit, suspects = None, batch.unfinished()
+        self._events.batch_interrupted(handle.id, batch.unfinished(), culprit, error, suspects)
 
     def _end_batch(self, worker_id: str) -> Batch | None:
         batch = self._batches.pop(worker_id, None)

@@ -76,10 +76,16 @@ class WorkerOutcomes:
                     extra={"JOB_ID": job.id, "DEVICE": device, "MODEL": job.model})  # fmt: skip
 
     def batch_interrupted(
-        self, worker_id: str, unfinished: Sequence[int], culprit: int | None, error: str
+        self,
+        worker_id: str,
+        unfinished: Sequence[int],
+        culprit: int | None,
+        error: str,
+        suspects: Sequence[int] = (),
     ) -> None:
         """A worker died with these jobs unfinished. The culprit, the one it was running when it died of its
-        own accord, is retried (it may be the cause); the others go back to the queue unharmed."""
+        own accord, is retried (it may be the cause); the others go back to the queue unharmed. Suspects (of
+        a batch decoded together, where no one job can be blamed) each run alone next."""
         for job_id in unfinished:
             job = self._processing_job(worker_id, job_id)
             if job is None:
@@ -88,4 +94,6 @@ class WorkerOutcomes:
                 self._registry.apply_or_defer(job, JobEvent.FAIL, error=error)
             else:
                 self._registry.apply_or_defer(job, JobEvent.REQUEUE)
+            if job_id in suspects:
+                self._registry.run_alone(job_id)
         self._wake()

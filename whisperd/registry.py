@@ -79,6 +79,7 @@ class JobRegistry:
         self._counts: Counter[JobState] = Counter()  # kept as jobs move, so reading it costs nothing
         self._retrying: dict[int, JobRow] = {}  # so a round reads the few in backoff, not every live job
         self._avoid_devices: dict[int, frozenset[str]] = {}  # live job -> devices it ran out of memory on
+        self._alone: set[int] = set()  # live jobs to dispatch in a batch of their own (suspects of a crash)
         self._deferred: dict[int, _Deferred] = {}  # live job -> its transition the store refused, in order
         self._store_failing = False  # to log a failing store once, and its recovery once
         self._ledger = Ledger()  # per-user figures and the lanes of PENDING jobs the scheduler reads
@@ -183,7 +184,7 @@ class JobRegistry:
         lanes = tuple(
             Lane(priority=priority, owner_uid=uid, model=model, count=count, jobs=tuple(
                 QueuedJob(id=job_id, model=model, priority=priority, queued_at=queued_at, owner_uid=uid,
-                          avoid_devices=self.avoided_devices(job_id))
+                          avoid_devices=self.avoided_devices(job_id), alone=job_id in self._alone)
                 for job_id, queued_at in first
             ))
             for (priority, uid, model), count, first in self._ledger.lanes(take)
@@ -202,6 +203,11 @@ class JobRegistry:
                      extra={"JOB_ID": job.id, "JOB_STATE": job.state.value, "MODEL": job.model})  # fmt: skip
             self._publish(job.view())
         return records
+
+    def run_alone(self, job_id: int) -> None:
+        """Dispatch the job in a batch of its own from now on: its worker died while it was decoded
+        together with others, and alone whatever happens is its own doing."""
+        self._alone.add(job_id)
 
     def avoid_device(self, job_id: int, device: str) -> None:
         """The job (PROCESSING) ran out of memory there: place its retry elsewhere if anything else fits."""
@@ -369,6 +375,7 @@ class JobRegistry:
         if new.terminal:
             self._discard(spool)  # only once the commit no longer needs it
             self._avoid_devices.pop(job.id, None)
+            self._alone.discard(job.id)
         self._log_transition(job, old, new, event)
         self._on_transition(job, old, event)
         self._publish(job.view())

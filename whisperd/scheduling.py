@@ -26,6 +26,7 @@ class QueuedJob(msgspec.Struct, frozen=True, kw_only=True):
     queued_at: float
     avoid_devices: frozenset[str] = frozenset()  # devices where it ran out of memory: try elsewhere first
     owner_uid: int = 0
+    alone: bool = False  # in a batch of its own (its worker died while it was decoded with others)
 
 
 class Lane(msgspec.Struct, frozen=True, kw_only=True):
@@ -204,6 +205,8 @@ def plan(
         while len(batch) < size and (lane := _next(lanes, served, {model})) is not None:
             job = lane.head()
             assert job is not None  # _next returns only lanes with a head
+            if batch and (job.alone or batch[0].alone):
+                break  # a job under suspicion goes in a batch of its own
             batch.append(job)
             lane.taken += 1
             stamp += 1

@@ -26,6 +26,7 @@ class Interrupted(msgspec.Struct, frozen=True):
     unfinished: list[int]
     culprit: int | None
     error: str
+    suspects: list[int] = []
 
 
 class RecordingEvents:
@@ -39,9 +40,14 @@ class RecordingEvents:
         self.messages.append((worker_id, device, message))
 
     def batch_interrupted(
-        self, worker_id: str, unfinished: Sequence[int], culprit: int | None, error: str
+        self,
+        worker_id: str,
+        unfinished: Sequence[int],
+        culprit: int | None,
+        error: str,
+        suspects: Sequence[int] = (),
     ) -> None:
-        self.interrupted.append(Interrupted(worker_id, list(unfinished), culprit, error))
+        self.interrupted.append(Interrupted(worker_id, list(unfinished), culprit, error, list(suspects)))
 
     def of(self, job_id: int) -> list[str]:
         """The types of the messages about one job, in order."""
@@ -70,13 +76,13 @@ class Rig:
     def _wake(self) -> None:
         self.wakes += 1
 
-    def job(self, job_id: int, script: str, max_result_bytes: int = 0) -> wp.JobSpec:
+    def job(self, job_id: int, script: str, max_result_bytes: int = 0, batched: bool = False) -> wp.JobSpec:
         audio = self.tmp_path / f"audio-{job_id}"
         audio.write_text(script)
         return wp.JobSpec(
             job_id=job_id, audio_path=str(audio), model="tiny.en", model_source="bundled:tiny.en",
             language=None, task="transcribe", word_timestamps=False, beam_size=5, vad_filter=False,
-            max_result_bytes=max_result_bytes,
+            max_result_bytes=max_result_bytes, mode="batched" if batched else "sequential",
         )  # fmt: skip
 
     def state(self, worker_id: str) -> str:
@@ -307,6 +313,38 @@ def test_a_worker_that_dies_on_its_own_blames_the_job_it_was_running(tmp_path: P
         rig.fleet.dispatch("cpu0", [rig.job(2, "crash-once")], 0)
         await until(lambda: rig.events.got(2, wp.Finished), 10)
         assert len(rig.events.interrupted) == 1
+
+    scenario(tmp_path, body)
+
+
+def test_a_worker_that_dies_decoding_jobs_together_blames_none_and_each_runs_alone_next(
+    tmp_path: Path,
+) -> None:
+    """Batched mode: the jobs of a batch are decoded together, so the one that killed the worker cannot be
+    told. None counts a retry; each is a suspect, to run in a batch of its own."""
+
+    async def body(rig: Rig) -> None:
+        await started(rig)
+        jobs = [rig.job(1, "segments=1", batched=True), rig.job(2, "crash-once", batched=True)]
+        rig.fleet.dispatch("cpu0", [*jobs, rig.job(3, "segments=1", batched=True)], 0)
+        await until(lambda: bool(rig.events.interrupted), 10)
+        (interrupted,) = rig.events.interrupted
+        assert interrupted.culprit is None
+        assert interrupted.suspects == interrupted.unfinished == [2, 3]
+        await until(lambda: rig.fleet.any_idle(), 10)
+        rig.fleet.dispatch("cpu0", [rig.job(2, "crash-once", batched=True)], 0)  # alone, it dies no more
+        await until(lambda: rig.events.got(2, wp.Finished), 10)
+
+    scenario(tmp_path, body)
+
+
+def test_a_worker_that_dies_on_a_job_decoded_alone_blames_it(tmp_path: Path) -> None:
+    async def body(rig: Rig) -> None:
+        await started(rig)
+        rig.fleet.dispatch("cpu0", [rig.job(7, "crash-once", batched=True)], 0)
+        await until(lambda: bool(rig.events.interrupted), 10)
+        (interrupted,) = rig.events.interrupted
+        assert (interrupted.culprit, interrupted.suspects) == (7, [])
 
     scenario(tmp_path, body)
 

@@ -314,6 +314,18 @@ def test_batch_interrupted_without_a_culprit_requeues_everything(parts: Parts) -
     assert parts.wakes == [None]
 
 
+def test_suspects_of_a_batch_decoded_together_are_requeued_uncounted_to_run_alone(parts: Parts) -> None:
+    jobs = parts.dispatched(3)
+    ids = [j.id for j in jobs]
+    parts.outcomes.batch_interrupted(WORKER, ids, None, "worker gpu0 died (exit status -9)", suspects=ids[1:])
+    assert [(j.state, j.retries) for j in jobs] == [(S.PENDING, 0)] * 3
+    lanes = parts.registry.waiting(10, {"tiny.en"}).lanes
+    assert {j.id: j.alone for lane in lanes for j in lane.jobs} == {ids[0]: False, ids[1]: True, ids[2]: True}
+    parts.registry.apply(parts.registry.get(ids[1]), E.CANCEL)
+    lanes = parts.registry.waiting(10, {"tiny.en"}).lanes
+    assert {j.id: j.alone for lane in lanes for j in lane.jobs} == {ids[0]: False, ids[2]: True}
+
+
 def test_batch_interrupted_skips_jobs_that_already_ended_or_left(parts: Parts) -> None:
     done, cancelled, requeued, culprit = parts.dispatched(4)
     parts.tell(wp.Finished(job_id=done.id, transcript=transcript(), processing_s=1.0))

@@ -1,6 +1,8 @@
 """SIGKILL of busy workers mid-job, several times, on a real daemon with real faster-whisper workers: every
 job completes, the job that was running counts exactly one retry per kill, and its batch-mates go back to the
-queue uncounted; checked from the jobs and their history (job_events)."""
+queue uncounted; checked from the jobs and their history (job_events). In sequential mode, where one job
+runs at a time and can be blamed; batched mode's suspects (jobs decoded together, each run alone after a
+death) are checked in tests/component/test_fleet.py and test_outcomes.py."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ pytestmark = pytest.mark.e2e
 KILLS = int(os.environ.get("WHISPERD_FAULT_WORKER_KILLS", "8"))
 MAX_RETRIES = 3
 CONFIG = {
+    "transcribe": {"mode": "sequential"},
     "workers": {"cpu_workers": 2, "restart_backoff_s": 0.2, "restart_backoff_max_s": 0.5},
     "scheduler": {"retry_backoff_s": 0.2, "max_retries": MAX_RETRIES, "max_batch_size": 3},
 }

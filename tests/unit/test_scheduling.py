@@ -99,8 +99,28 @@ class Case:
 
 BIG = PlanSettings(model_memory_bytes={"small": 2 * GIB, "large": 50 * GIB})
 
+
+def alone(id: int) -> QueuedJob:
+    """A job whose worker died while it was decoded with others: it goes in a batch of its own."""
+    return QueuedJob(id=id, model="small", priority=0, queued_at=NOW - 100, alone=True)
+
+
 CASES = [
     Case("empty-queue", [], [worker("w0")], {"cpu": CPU}, []),
+    Case(
+        "a-suspect-first-goes-alone",
+        [alone(1), job(2), job(3), job(4)],
+        [worker("w0"), worker("w1")],
+        {"cpu": CPU},
+        [("w0", "cpu", "small", (1,), 0), ("w1", "cpu", "small", (2, 3, 4), 0)],
+    ),
+    Case(
+        "a-suspect-ends-the-batch-before-it",
+        [job(1), alone(2), job(3)],
+        [worker("w0"), worker("w1")],
+        {"cpu": CPU},
+        [("w0", "cpu", "small", (1,), 0), ("w1", "cpu", "small", (2,), 0)],
+    ),
     Case("one-job-one-idle-cpu", [job(1)], [worker("w0")], {"cpu": CPU}, [("w0", "cpu", "small", (1,), 0)]),
     Case("no-workers", [job(1)], [], {"cpu": CPU}, []),
     Case(
