@@ -69,6 +69,7 @@ class Spooler:
                 return await asyncio.wrap_future(future)
         except TimeoutError:
             copy.abandoned = True
+            self._discard_if_done(future)
             if future.cancel():  # it was still waiting for a thread
                 raise Busy(
                     f"{name}: every spool thread stayed busy for {timeout_s:g} s; try again later"
@@ -79,8 +80,15 @@ class Spooler:
             ) from None
         except BaseException:
             copy.abandoned = True  # the request was cancelled: nobody takes this copy any more
-            future.cancel()
+            if not future.cancel():
+                self._discard_if_done(future)
             raise
+
+    def _discard_if_done(self, future: Future[tuple[str, int]]) -> None:
+        """A copy that finished just as its caller gave up (its result was on its way to the caller, so the
+        accounting in _finished kept it): nobody takes it now."""
+        if future.done() and not future.cancelled() and future.exception() is None:
+            self._spool.discard(future.result()[0])
 
     def _call_on_loop(
         self, loop: asyncio.AbstractEventLoop, copy: _Copy, done: Future[tuple[str, int]]

@@ -106,7 +106,9 @@ def test_cancel_a_pending_job_and_its_history(idle_daemon: DaemonProcess, speech
     with sqlite3.connect(idle_daemon.state_dir / "jobs.sqlite3") as db:
         events = db.execute("SELECT from_state, to_state, event FROM job_events WHERE job_id = ?", (job.id,))
         assert list(events) == [(None, "PENDING", "submit"), ("PENDING", "CANCELLED", "cancel")]
-    assert list((idle_daemon.state_dir / "spool").iterdir()) == [], "a cancelled job's audio is dropped"
+    # dropped once the cancel is durable: a flush after the commit, not before
+    spool = idle_daemon.state_dir / "spool"
+    idle_daemon.wait_for(lambda: list(spool.iterdir()) == [], 10, "a cancelled job's audio dropped")
     missing = idle_daemon.ctl("cancel", "4242")
     assert missing.returncode == 2 and "no job 4242" in missing.stderr
 

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import audio
 from tests.support.daemon import DaemonProcess
+from tests.support.models import multilingual_base
 from whisperd.jobs import JobState
 
 pytestmark = pytest.mark.e2e
@@ -42,7 +44,7 @@ def batched(tmp_path: Path) -> Iterator[DaemonProcess]:
 
 
 def words(text: str) -> list[str]:
-    return re.findall(r"[a-z']+", text.lower())
+    return re.findall(r"[a-záéíóúñ']+", text.lower())
 
 
 def test_sequential_mode_gives_what_bare_faster_whisper_gives(
@@ -88,3 +90,38 @@ def test_batched_mode_gives_each_job_of_a_batch_its_own_words_at_their_times(
         for segment in transcript.segments:
             assert segment.words, "word timestamps were asked for"
             assert all(segment.start - 0.5 <= w.start <= w.end <= segment.end + 0.5 for w in segment.words)
+
+
+SPANISH = (
+    "Buenos días a todos. Hoy vamos a hablar del presupuesto y de la nueva oficina en Madrid. Muchas gracias."
+)
+
+
+def test_batched_mode_detects_each_job_s_language_and_translates(
+    tmp_path: Path, speech: dict[str, Path]
+) -> None:
+    """A multilingual model in batched mode: an English and a Spanish job in one batch each get their own
+    language (decoded in separate calls), and a Spanish job asked to translate comes back in English."""
+    base = multilingual_base(tmp_path)
+    spanish = audio.speak(SPANISH, tmp_path / "es.wav", speed_wpm=150, voice="es")
+    config = {
+        "transcribe": {"mode": "batched", "default_model": "base"},
+        "models": {"base": str(base), "tiny.en": "bundled:tiny.en"},
+        "workers": {"cpu_workers": 1},
+        "scheduler": {"batch_timeout_s": 1.0},
+    }
+    daemon = DaemonProcess(tmp_path / "state", config).start()
+    try:
+        ours = daemon.client.submit([str(speech["fox"]), str(spanish)])
+        [translated] = daemon.client.submit([str(spanish)], task="translate")
+        ids = [j.id for j in ours] + [translated.id]
+        finals = daemon.wait_terminal(ids, timeout_s=300)
+        assert [f.state for f in finals] == [JobState.COMPLETED] * 3
+        english, spanish_text, translation = (daemon.client.result(i).transcript for i in ids)
+    finally:
+        daemon.stop()
+    assert english.language == "en" and {"quick", "fox", "lazy", "dog"} <= set(words(english.text))
+    assert spanish_text.language == "es" and {"presupuesto", "madrid"} <= set(words(spanish_text.text))
+    assert {"today", "madrid"} <= set(words(translation.text)) and "presupuesto" not in words(
+        translation.text
+    )

@@ -23,10 +23,11 @@ def have_tools() -> bool:
     return all(shutil.which(t) for t in ("espeak-ng", "sox"))
 
 
-def speak(text: str, path: Path, speed_wpm: int = 160) -> Path:
-    """16 kHz mono WAV of the spoken text."""
+def speak(text: str, path: Path, speed_wpm: int = 160, voice: str = "en") -> Path:
+    """16 kHz mono WAV of the spoken text (voice: an espeak-ng language; its French is not understood by
+    Whisper's base model, its Spanish and German are)."""
     raw = path.with_suffix(".raw.wav")
-    subprocess.run(["espeak-ng", "-s", str(speed_wpm), "-w", str(raw), text], check=True)
+    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed_wpm), "-w", str(raw), text], check=True)
     subprocess.run(["sox", str(raw), "-r", "16000", "-c", "1", str(path)], check=True)
     raw.unlink()
     return path
