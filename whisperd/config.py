@@ -77,6 +77,10 @@ class GpuConfig(_Section):
     # GPU memory a batch reserves, by model name; models not named here use built-in estimates by size
     # (tiny .. large-v3, for float16 or int8), raised after each out-of-memory error.
     model_memory_bytes: dict[str, Annotated[int, msgspec.Meta(gt=0)]] = {}
+    # Batched mode: each window a GPU worker decodes at once reserves this share of the model's figure on top
+    # of it (activations and the beams' caches); the windows per call are as many as fit, up to
+    # transcribe.gpu_chunk_batch.
+    window_memory_ratio: Annotated[float, msgspec.Meta(ge=0)] = 0.25
 
 
 class WorkersConfig(_Section):

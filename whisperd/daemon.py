@@ -190,7 +190,7 @@ class Daemon:
         self._registry.apply_many(
             jobs, JobEvent.DISPATCH, device=placement.device, worker=placement.worker_id
         )
-        specs = [job_spec(j, self.config, on_gpu=placement.device != CPU) for j in jobs]
+        specs = [job_spec(j, self.config, chunk_batch=placement.chunk_batch) for j in jobs]
         self._fleet.dispatch(placement.worker_id, specs, placement.reserve_bytes)
 
     async def drain(self, timeout_s: float) -> None:

@@ -86,6 +86,11 @@ class PlanSettings(msgspec.Struct, frozen=True, kw_only=True):
     memory_safety_margin: float = 0.10
     model_memory_bytes: Mapping[str, int] = msgspec.field(default_factory=dict)
     default_model_memory_bytes: int = 2 * 1024**3
+    # Batched decoding: windows decoded at once per worker, and what each reserves on a GPU (a share of the
+    # model's figure); 1 and 0: sequential decoding, whose reservation is the model's alone.
+    cpu_chunk_batch: int = 1
+    gpu_chunk_batch: int = 1
+    window_memory_ratio: float = 0.0
 
 
 class Placement(msgspec.Struct, frozen=True, kw_only=True):
@@ -95,6 +100,7 @@ class Placement(msgspec.Struct, frozen=True, kw_only=True):
     job_ids: tuple[int, ...]
     reserve_bytes: int  # 0 on the CPU
     reason: str  # why this device, for the debug log
+    chunk_batch: int = 1  # windows its worker decodes at once (batched mode)
 
 
 def fits(device: DeviceStatus, reserve_bytes: int, settings: PlanSettings) -> bool:
@@ -187,7 +193,10 @@ def plan(
             break
         model = head.model
         reserve = settings.model_memory_bytes.get(model, settings.default_model_memory_bytes)
-        candidates = [w for w in idle if w.device in room and fits(room[w.device], reserve, settings)]
+        window_bytes = math.ceil(reserve * settings.window_memory_ratio)
+        candidates = [
+            w for w in idle if w.device in room and fits(room[w.device], reserve + window_bytes, settings)
+        ]
         if not candidates:
             blocked.add(model)  # waiting is fine, out-of-memory is not; other models may still fit
             continue
@@ -212,6 +221,11 @@ def plan(
             stamp += 1
             served[lane.lane.owner_uid] = stamp  # one job placed is one turn
         is_gpu = device.available_memory_bytes is not None
+        chunk = settings.cpu_chunk_batch
+        if is_gpu:  # as many windows at once as the device has room for, at least one (it fit above)
+            wanted = range(settings.gpu_chunk_batch, 1, -1)
+            chunk = next((c for c in wanted if fits(device, reserve + c * window_bytes, settings)), 1)
+            reserve += chunk * window_bytes
         placements.append(
             Placement(
                 worker_id=worker.id,
@@ -220,6 +234,7 @@ def plan(
                 job_ids=tuple(j.id for j in batch),
                 reserve_bytes=reserve if is_gpu else 0,
                 reason=_reason(worker, model, device),
+                chunk_batch=chunk,
             )
         )
         idle.remove(worker)

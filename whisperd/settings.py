@@ -19,22 +19,27 @@ def retry_policy(config: Config) -> RetryPolicy:
 
 
 def plan_settings(config: Config, estimates: MemoryEstimates) -> PlanSettings:
-    s = config.scheduler
+    s, t = config.scheduler, config.transcribe
+    batched = t.mode == "batched"
     return PlanSettings(
         min_batch_size=s.min_batch_size, max_batch_size=s.max_batch_size, batch_timeout_s=s.batch_timeout_s,
         min_free_memory_bytes=s.min_free_memory_bytes, memory_safety_margin=s.memory_safety_margin,
         model_memory_bytes=estimates.all_memory_bytes(),
+        cpu_chunk_batch=t.cpu_chunk_batch if batched else 1,
+        gpu_chunk_batch=t.gpu_chunk_batch if batched else 1,
+        window_memory_ratio=config.gpu.window_memory_ratio if batched else 0.0,
     )  # fmt: skip
 
 
-def job_spec(job: JobRow, config: Config, on_gpu: bool = False) -> wp.JobSpec:
-    """What a worker is told to do for one job, under the running configuration (on_gpu: the worker's)."""
+def job_spec(job: JobRow, config: Config, chunk_batch: int = 1) -> wp.JobSpec:
+    """What a worker is told to do for one job, under the running configuration (chunk_batch: windows its
+    worker decodes at once, as the plan sized them for the device's memory)."""
     assert job.spool_path is not None  # a live job keeps its audio
     t, w = config.transcribe, config.workers
     return wp.JobSpec(
         job_id=job.id, audio_path=job.spool_path, model=job.model, model_source=config.models[job.model],
         language=job.language, task=job.task, word_timestamps=job.word_timestamps, beam_size=t.beam_size,
-        vad_filter=t.vad_filter, mode=t.mode, chunk_batch=t.gpu_chunk_batch if on_gpu else t.cpu_chunk_batch,
+        vad_filter=t.vad_filter, mode=t.mode, chunk_batch=chunk_batch,
         filename=job.filename, max_audio_duration_s=t.max_audio_duration_s,
         max_result_bytes=w.max_result_bytes, audio_formats=list(w.audio_formats),
     )  # fmt: skip

@@ -469,3 +469,32 @@ def test_first_batch_of_4_jobs_on_2_idle_workers_is_2() -> None:
     )
     assert placements[0].worker_id == "w0"
     assert placements[0].job_ids == (1, 2)
+
+
+# ---- batched mode: windows decoded at once, sized to the device's memory --------------------------------
+
+WINDOWS = PlanSettings(
+    model_memory_bytes={"small": 2 * GIB}, cpu_chunk_batch=8, gpu_chunk_batch=16, window_memory_ratio=0.25
+)
+
+
+@pytest.mark.parametrize(
+    ("available", "chunk", "reserve"),
+    [
+        (70 * GIB, 16, 2 * GIB + 16 * GIB // 2),  # room for every window the setting allows
+        (12 * GIB, 4, 2 * GIB + 4 * GIB // 2),  # 8 GiB (10 % of 80) must stay free: 4 GiB for the batch
+        (10 * GIB + GIB // 2, 1, 2 * GIB + GIB // 2),  # one window, just
+    ],
+    ids=["roomy", "tight", "one-window"],
+)
+def test_a_gpu_batch_decodes_as_many_windows_at_once_as_fit_and_reserves_them(
+    available: int, chunk: int, reserve: int
+) -> None:
+    [placement] = plan([job(1)], [worker("g0", "cuda:0")], {"cuda:0": gpu("cuda:0", available)}, NOW, WINDOWS)
+    assert (placement.chunk_batch, placement.reserve_bytes) == (chunk, reserve)
+
+
+def test_a_gpu_without_room_for_one_window_gets_no_batch_and_the_cpu_takes_its_own_chunk() -> None:
+    assert plan([job(1)], [worker("g0", "cuda:0")], {"cuda:0": gpu("cuda:0", 10 * GIB)}, NOW, WINDOWS) == []
+    [placement] = plan([job(1)], [worker("w0")], {"cpu": CPU}, NOW, WINDOWS)
+    assert (placement.chunk_batch, placement.reserve_bytes) == (8, 0)
