@@ -140,7 +140,7 @@ def _decode_group(
                 if any(is_cancelled(job.spec.job_id) for job, _k in todo[index + 1 :] if not job.ended):
                     break  # stop decoding that job: the others go on in a fresh call
         except Exception as exc:
-            if _out_of_memory(exc) and chunk > 1:
+            if wp.failure_kind(exc) == "oom" and chunk > 1:
                 chunk //= 2  # fewer windows per call, from the first one not done
                 continue
             for job in jobs:
@@ -184,7 +184,3 @@ def _finish(job: Prepared, report: Reporter) -> None:
         text="".join(s.text for s in job.segments).strip(), segments=job.segments,
     )  # fmt: skip
     report.finished(job.spec, transcript, time.monotonic() - job.started)
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    return "out of memory" in str(exc).lower()

@@ -7,7 +7,7 @@ stored, so recovery rebuilds it from the store's totals and its queue (one index
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 
 import msgspec
@@ -106,9 +106,6 @@ class Ledger:
         for key, jobs in self._lanes.items():
             yield key, len(jobs), list(islice(jobs.items(), take))
 
-    def is_pending(self, job_id: int, key: LaneKey) -> bool:
-        return job_id in self._lanes.get(key, ())
-
     def oldest_pending_since(self) -> float | None:
         """When the PENDING job that has waited longest was queued: the oldest head of the lanes."""
         return min((next(iter(lane.values())) for lane in self._lanes.values()), default=None)
@@ -124,8 +121,3 @@ def spool_size(path: str) -> int:
         return os.stat(path).st_size
     except OSError:
         return 0
-
-
-def spool_sizes(paths: Mapping[int, str]) -> dict[int, int]:
-    """Bytes of each job's spooled audio, by job id; blocking, so run it in a thread."""
-    return {job_id: spool_size(path) for job_id, path in paths.items()}

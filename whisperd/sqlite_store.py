@@ -101,6 +101,7 @@ _EVENT_COLUMNS = ("at", "from_state", "to_state", "event", "worker", "error")
 _LIVE_STATES = tuple(s for s in JobState if s not in TERMINAL_STATES)
 _LIVE = tuple(s.value for s in _LIVE_STATES)
 _QUEUE_CHUNK = 10_000
+_SPOOL_SIZES_STORED = 1  # PRAGMA user_version from which every job's spool size is stored
 _BACKGROUND_BUSY_S = 5.0  # a thread's connection may wait for the loop's short transactions
 
 
@@ -146,7 +147,9 @@ def _views(rows: Sequence[tuple[Any, ...]]) -> list[JobView]:
 def _add_columns(db: sqlite3.Connection) -> None:
     """Columns added since the first release, to a database made by an older one (their values NULL)."""
     columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
-    if columns and "spool_bytes" not in columns:  # no columns: a new database, made whole by the schema
+    if not columns:  # a new database, made whole by the schema: every job stores its spool size
+        db.execute(f"PRAGMA user_version = {_SPOOL_SIZES_STORED}")
+    elif "spool_bytes" not in columns:
         db.execute("ALTER TABLE jobs ADD COLUMN spool_bytes INTEGER")
 
 
@@ -388,6 +391,8 @@ class SqliteStore:
         and store it. Blocking, on a connection of its own: run it in a thread, before recovery."""
         db = sqlite3.connect(self.path, timeout=_BACKGROUND_BUSY_S, isolation_level=None)
         try:
+            if db.execute("PRAGMA user_version").fetchone()[0] >= _SPOOL_SIZES_STORED:
+                return 0  # measured already, or made by a release that stores them: no scan at each start
             rows = db.execute(
                 f"SELECT id, spool_path FROM jobs WHERE spool_bytes IS NULL AND spool_path IS NOT NULL"
                 f" AND state IN ({','.join('?' * len(_LIVE))})",
@@ -398,6 +403,7 @@ class SqliteStore:
                 db.execute("BEGIN IMMEDIATE")
                 db.executemany("UPDATE jobs SET spool_bytes = ? WHERE id = ?", sized)
                 db.execute("COMMIT")
+            db.execute(f"PRAGMA user_version = {_SPOOL_SIZES_STORED}")
             return len(rows)
         except sqlite3.OperationalError as exc:
             raise storage_error(exc) from exc

@@ -69,10 +69,6 @@ class JobCancelled(Exception):
     pass
 
 
-def classify(exc: BaseException) -> wp.FailureKind:
-    return "oom" if "out of memory" in str(exc).lower() else "retryable"
-
-
 class Worker:
     def __init__(
         self, out: BinaryIO, transcriber: Transcriber, max_models: int, audio: AudioSource | None = None
@@ -140,20 +136,10 @@ class Worker:
                 continue
             self.send(wp.Started(job_id=spec.job_id))
             started = time.monotonic()
-            audio = self._decode(spec, batch.batch_id)
-            if isinstance(audio, str) or len(audio) == 0:
-                self._fatal(spec, audio if isinstance(audio, str) else "it holds no audio samples")
+            ready = self._prepare(spec, batch.batch_id)
+            if not isinstance(ready, tuple):
                 continue
-            try:
-                model = self.model(spec.model, spec.model_source)
-            except Exception as exc:
-                kind: wp.FailureKind = "oom" if classify(exc) == "oom" else "fatal"
-                self.send(
-                    wp.Failed(
-                        job_id=spec.job_id, kind=kind, error=f"model {spec.model!r} cannot be loaded: {exc}"
-                    )
-                )
-                continue
+            model, audio = ready
             try:
                 windows, info = decoder.windows(model, audio, spec)
             except Exception as exc:
@@ -212,21 +198,31 @@ class Worker:
         except Exception as exc:  # the decoder raises many types; none of them a retry can fix
             return f"it is not audio whisperd can decode ({exc or type(exc).__name__})"
 
-    def _attempt(self, spec: wp.JobSpec, batch_id: int) -> wp.FailureKind | None:
-        self.send(wp.Started(job_id=spec.job_id))
-        started = time.monotonic()
+    def _prepare(self, spec: wp.JobSpec, batch_id: int) -> tuple[Any, Sized] | wp.FailureKind:
+        """The job's model and samples; or, its failure reported, how it failed."""
         audio = self._decode(spec, batch_id)
         if isinstance(audio, str):
             return self._fatal(spec, audio)
         if len(audio) == 0:
             return self._fatal(spec, "it holds no audio samples")
         try:
-            model = self.model(spec.model, spec.model_source)
+            return self.model(spec.model, spec.model_source), audio
         except Exception as exc:
-            kind: wp.FailureKind = "oom" if classify(exc) == "oom" else "fatal"
-            error = f"model {spec.model!r} cannot be loaded: {exc}"
-            self.send(wp.Failed(job_id=spec.job_id, kind=kind, error=error))
+            kind: wp.FailureKind = "oom" if wp.failure_kind(exc) == "oom" else "fatal"
+            self.send(
+                wp.Failed(
+                    job_id=spec.job_id, kind=kind, error=f"model {spec.model!r} cannot be loaded: {exc}"
+                )
+            )
             return kind
+
+    def _attempt(self, spec: wp.JobSpec, batch_id: int) -> wp.FailureKind | None:
+        self.send(wp.Started(job_id=spec.job_id))
+        started = time.monotonic()
+        ready = self._prepare(spec, batch_id)
+        if not isinstance(ready, tuple):
+            return ready
+        model, audio = ready
         try:
             transcript = self._transcribe(model, audio, spec)
         except JobCancelled:
@@ -234,7 +230,7 @@ class Worker:
             return None
         except Exception as exc:
             log.exception("job %d failed", spec.job_id)
-            failure = classify(exc)
+            failure = wp.failure_kind(exc)
             self.send(wp.Failed(job_id=spec.job_id, kind=failure, error=str(exc) or type(exc).__name__))
             return failure
         return self.finish(spec, transcript, time.monotonic() - started)
@@ -285,7 +281,7 @@ class _JobReports:
     def failed(self, spec: wp.JobSpec, exc: Exception) -> None:
         log.error("job %d failed: %s", spec.job_id, exc)
         self._worker.send(
-            wp.Failed(job_id=spec.job_id, kind=classify(exc), error=str(exc) or type(exc).__name__)
+            wp.Failed(job_id=spec.job_id, kind=wp.failure_kind(exc), error=str(exc) or type(exc).__name__)
         )
 
     def stopped(self, spec: wp.JobSpec) -> None:

@@ -50,6 +50,14 @@ ToWorker = RunBatch | CancelJob
 
 # fatal: no retry can fix it (audio that does not decode); retryable: a retry may; oom: CUDA ran out of memory
 FailureKind = Literal["fatal", "retryable", "oom"]
+
+
+def failure_kind(exc: BaseException) -> FailureKind:
+    """How an error while transcribing fails its job: out of memory (placed again with more room), or
+    worth a retry."""
+    return "oom" if "out of memory" in str(exc).lower() else "retryable"
+
+
 # cancelled: its user cancelled it; batch_stopped: never attempted, through no fault of the job (the batch
 # stopped after a batch-mate's out-of-memory error)
 StopReason = Literal["cancelled", "batch_stopped"]

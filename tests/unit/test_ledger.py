@@ -6,7 +6,7 @@ from pathlib import Path
 
 from whisperctl.render import stats_text, users_table
 from whisperd.jobs import JobEvent, JobState
-from whisperd.ledger import Ledger, UserFigures, spool_sizes
+from whisperd.ledger import Ledger, UserFigures, spool_size
 from whisperd.protocol import StatsView, UserStatsView
 from whisperd.store import JobRow, QueueEntry, UserTotal
 
@@ -125,9 +125,9 @@ def test_the_oldest_pending_job_and_the_models_queued_are_read_from_the_lanes() 
     assert ledger.pending_models() == {"small"}
 
 
-def test_spool_sizes_stat_each_file_and_count_a_missing_one_as_zero(tmp_path: Path) -> None:
+def test_spool_size_stats_the_file_and_counts_a_missing_one_as_zero(tmp_path: Path) -> None:
     (tmp_path / "a").write_bytes(b"12345")
-    assert spool_sizes({1: str(tmp_path / "a"), 2: str(tmp_path / "gone")}) == {1: 5, 2: 0}
+    assert [spool_size(str(tmp_path / "a")), spool_size(str(tmp_path / "gone"))] == [5, 0]
 
 
 # ---- whisperctl stats ------------------------------------------------------------------------------------
