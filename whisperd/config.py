@@ -135,6 +135,9 @@ class TranscribeConfig(_Section):
     mode: Literal["batched", "sequential"] = "batched"
     cpu_chunk_batch: PositiveInt = 8  # windows decoded per call on a CPU worker
     gpu_chunk_batch: PositiveInt = 16  # on a GPU worker; halved (down to 1) on a CUDA out-of-memory error
+    # Batched mode: while workers idle with nothing queued for them, a running job with at least twice this
+    # much audio left is spread over them, each taking at least this much (0: never spread a job).
+    shard_min_audio_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
     # Longest audio a job may hold; longer audio fails (from its header, or while decoding when the header
     # does not say). 4 hours: a long meeting or lecture, and the worker's memory cap is sized for it.
     max_audio_duration_s: Positive = 4 * 3600.0

@@ -12,16 +12,18 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 
+from whisperd import workerproto as wp
 from whisperd.config import Config, plan_reload
 from whisperd.errors import StorageError, WhisperdError
 from whisperd.estimates import MemoryEstimates, baseline_from_config
 from whisperd.fleet import Fleet
 from whisperd.gpupool import CPU, DevicePool
 from whisperd.gpuprobe import GpuProbe
-from whisperd.jobs import JobEvent
+from whisperd.jobs import JobEvent, JobState
 from whisperd.registry import JobRegistry
-from whisperd.scheduling import Placement, plan
+from whisperd.scheduling import Placement, PlanSettings, plan
 from whisperd.settings import job_spec, plan_settings, retry_policy
+from whisperd.spreads import PartPlacement, Running, Spreads, place_parts, share_requests
 from whisperd.telemetry import Telemetry
 from whisperd.workerspecs import worker_specs
 
@@ -43,8 +45,10 @@ class Daemon:
         cpu_count: int,
         config_loader: Callable[[], Config] | None = None,
         nvml: Executor | None = None,
+        spreads: Spreads | None = None,
     ) -> None:
-        """nvml: the thread NVML is called on, the monitors' too (None: the loop's default pool)."""
+        """nvml: the thread NVML is called on, the monitors' too (None: the loop's default pool). spreads:
+        the jobs spread over several workers, shared with the outcomes."""
         self.config = config  # replaced as a whole on reload; others read it through this attribute
         self._registry, self._fleet, self._pool, self._probe = registry, fleet, pool, probe
         self._estimates, self._telemetry = estimates, telemetry
@@ -53,6 +57,7 @@ class Daemon:
         self._cpu_count = cpu_count
         self._config_loader = config_loader
         self._nvml = nvml
+        self._spreads = spreads or Spreads()
         self._reload_requested = False
         self._stop_signal: int | None = None
         self._stop = asyncio.Event()
@@ -168,20 +173,84 @@ class Daemon:
         for due in (self._registry.release_due_retries(now), self._fleet.enforce_cancel_deadlines()):
             if due is not None:
                 next_due = min(next_due, due)
+        self._settle_spreads()
         if not store_ok or self.draining or not self._fleet.any_idle():
             return max(0.0, next_due - now)  # nothing can be placed; a worker that frees up wakes us
+        settings = plan_settings(self.config, self._estimates)
+        # Parts of a job spread over several workers first: that job is under way already.
+        if waiting_parts := self._spreads.waiting():
+            parts = place_parts(waiting_parts, self._fleet.slots(), self._pool.device_status(), settings)
+            for part in parts:
+                self._dispatch_part(part)
         slots = self._fleet.slots()
         # One plan places at most a batch per idle worker, so no lane needs more than this many jobs read.
         take = max(1, sum(1 for s in slots if s.idle)) * self.config.scheduler.max_batch_size
         waiting = self._registry.waiting(take, self.config.models)
         if waiting.lanes:
-            settings = plan_settings(self.config, self._estimates)
             for placement in plan(waiting, slots, self._pool.device_status(), now, settings):
                 self._dispatch(placement)
             batch_due = min(lane.jobs[0].queued_at for lane in waiting.lanes) + settings.batch_timeout_s
             if settings.min_batch_size > 1 and batch_due > now:  # past due: a free worker wakes us
                 next_due = min(next_due, batch_due)
+        self._share_with_idle(settings)
         return max(0.0, next_due - now)
+
+    def _settle_spreads(self) -> None:
+        """A spread job that ended (cancelled, failed) has its parts still running stopped."""
+        for job_id in self._spreads.shareable():
+            job = self._registry.find_live(job_id)
+            if job is None or job.state is not JobState.PROCESSING:
+                if self._spreads.get(job_id) is not None:
+                    self._fleet.cancel_everywhere(job_id)
+                self._spreads.forget(job_id)
+
+    def _share_with_idle(self, settings: PlanSettings) -> None:
+        """Workers still idle after the plan (nothing queued they can take) help the running jobs with the
+        most audio left (see spreads.py)."""
+        min_part_s = self.config.transcribe.shard_min_audio_s
+        # Idle workers, less those promised to requests not answered yet and those parts waiting will take
+        idle = [s.device for s in self._fleet.slots() if s.idle]
+        idle = idle[: max(0, len(idle) - self._spreads.promised() - len(self._spreads.waiting()))]
+        if not idle or min_part_s <= 0:
+            return
+        running: list[Running] = []
+        durations: dict[int, float] = {}
+        for job_id in self._spreads.shareable():
+            job = self._registry.find_live(job_id)
+            if job is None or job.state is not JobState.PROCESSING or not job.audio_duration_s:
+                continue
+            durations[job_id] = job.audio_duration_s
+            spread = self._spreads.get(job_id)
+            workers = [job.worker or ""]
+            if spread is not None:
+                workers = sorted({p.worker for p in spread.parts if p.worker and p.transcript is None})
+            for worker_id in workers:
+                part = self._spreads.running(
+                    job_id, worker_id, job.audio_duration_s, job.progress, job.device or CPU
+                )
+                if part is not None:
+                    running.append(part)
+        for request in share_requests(running, idle, min_part_s):
+            if self._fleet.share(request.worker_id, request.job_id, request.helpers, min_part_s):
+                job = self._registry.find_live(request.job_id)
+                device = job.device if job is not None and job.device else CPU
+                self._spreads.asked(request, durations[request.job_id], device)
+
+    def _dispatch_part(self, placement: PartPlacement) -> None:
+        spread = self._spreads.get(placement.job_id)
+        job = self._registry.find_live(placement.job_id)
+        if spread is None or job is None or job.state is not JobState.PROCESSING:
+            return
+        part = spread.parts[placement.index]
+        spec = job_spec(job, self.config, chunk_batch=placement.chunk_batch)
+        spec.mode = "batched"  # a part is cut into windows, whatever the mode now
+        spec.part = wp.JobPart(start_s=part.start_s, end_s=part.end_s, windows=part.windows)
+        spec.shard_min_audio_s = self.config.transcribe.shard_min_audio_s
+        spec.language = spread.language or spec.language
+        log.debug("placing part %.0f-%.0f s of job %d on %s", part.start_s, part.end_s, job.id,
+                  placement.worker_id)  # fmt: skip
+        part.worker, part.device = placement.worker_id, placement.device
+        self._fleet.dispatch(placement.worker_id, [spec], placement.reserve_bytes)
 
     def _dispatch(self, placement: Placement) -> None:
         log.debug("placing jobs %s on %s: %s", placement.job_ids, placement.worker_id, placement.reason)
@@ -191,6 +260,10 @@ class Daemon:
             jobs, JobEvent.DISPATCH, device=placement.device, worker=placement.worker_id
         )
         specs = [job_spec(j, self.config, chunk_batch=placement.chunk_batch) for j in jobs]
+        for spec in specs:
+            if spec.mode == "batched":
+                spec.shard_min_audio_s = self.config.transcribe.shard_min_audio_s
+                self._spreads.dispatched(spec.job_id, spec.model)
         self._fleet.dispatch(placement.worker_id, specs, placement.reserve_bytes)
 
     async def drain(self, timeout_s: float) -> None:

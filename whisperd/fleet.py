@@ -166,6 +166,21 @@ class Fleet:
             self._wake()  # the loop then sleeps no longer than the deadline
         handle.send(wp.CancelJob(job_id=job_id))
 
+    def cancel_everywhere(self, job_id: int) -> None:
+        """Cancel the job on every worker that runs it (or a part of it)."""
+        for worker_id, batch in list(self._batches.items()):
+            if batch.holds(job_id):
+                self.cancel(worker_id, job_id)
+
+    def share(self, worker_id: str, job_id: int, helpers: int, min_part_s: float) -> bool:
+        """Ask the worker to give parts of the job to up to `helpers` idle workers; False if it no longer
+        runs it."""
+        handle, batch = self._handles.get(worker_id), self._batches.get(worker_id)
+        if handle is None or batch is None or not batch.holds(job_id):
+            return False
+        handle.send(wp.ShareJob(job_id=job_id, helpers=helpers, min_part_s=min_part_s))
+        return True
+
     def enforce_cancel_deadlines(self) -> float | None:
         """Kill the workers whose cancelled job outlived its deadline; returns the next deadline, if any."""
         now = self._clock()

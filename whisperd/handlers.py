@@ -277,15 +277,15 @@ class Handlers:
                 outcomes.append((job_id, None))
             except WhisperdError as exc:
                 outcomes.append((job_id, exc))
-        workers = {job_id: job.worker for job_id, job in jobs.items()}
+        running = [job_id for job_id, job in jobs.items() if job.worker is not None]
         try:
             self._registry.apply_many(list(jobs.values()), JobEvent.CANCEL)
         except WhisperdError as refused:  # the store refused the commit: none of them is cancelled
             outcomes = [(job_id, refused if exc is None else exc) for job_id, exc in outcomes]
             jobs = {}
-        for job_id, worker in workers.items():
-            if worker is not None and job_id in jobs:
-                self._fleet.cancel(worker, job_id)
+        for job_id in running:  # its worker, and those of its parts if it was spread over several
+            if job_id in jobs:
+                self._fleet.cancel_everywhere(job_id)
         errors = [
             p.ErrorBody(code=exc.code, message=exc.message, job_id=job_id)
             for job_id, exc in outcomes

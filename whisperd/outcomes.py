@@ -10,6 +10,7 @@ from whisperd import workerproto as wp
 from whisperd.estimates import MemoryEstimates
 from whisperd.jobs import JobEvent, JobState
 from whisperd.registry import JobRegistry
+from whisperd.spreads import Part, Spread, Spreads
 from whisperd.store import JobRow
 from whisperd.telemetry import Telemetry
 
@@ -29,11 +30,13 @@ class WorkerOutcomes:
         estimates: MemoryEstimates,
         telemetry: Telemetry,
         wake: Callable[[], None],
+        spreads: Spreads | None = None,
     ) -> None:
         self._registry = registry
         self._estimates = estimates
         self._telemetry = telemetry
         self._wake = wake
+        self._spreads = spreads or Spreads()
 
     def _processing_job(self, worker_id: str, job_id: int) -> JobRow | None:
         """The live job a report is about, if it is still PROCESSING on that worker (not cancelled since)."""
@@ -42,11 +45,18 @@ class WorkerOutcomes:
         return job if ok else None
 
     def job_message(self, worker_id: str, device: str, message: wp.JobMessage) -> None:
+        spread = self._spreads.get(message.job_id)
+        if spread is not None:
+            self._part_message(worker_id, device, spread, message)
+            return
         job = self._processing_job(worker_id, message.job_id)
         if job is None:  # cancelled by its user meanwhile: that transition has been taken already
             return
         if isinstance(message, wp.Progress):
+            first = job.audio_duration_s is None
             self._registry.set_progress(job, message.progress, message.audio_duration_s)
+            if first:  # its length known: idle workers may now share it (spreads.py)
+                self._wake()
         elif isinstance(message, wp.Finished):
             duration_s = message.transcript.duration_s
             # A commit the store refuses keeps the transcript in memory until a later round commits it.
@@ -64,6 +74,49 @@ class WorkerOutcomes:
             # was meant for an earlier run, or the batch stopped. Either way it goes back to the queue.
             self._registry.apply_or_defer(job, JobEvent.REQUEUE)
             self._wake()
+
+    def _part_message(self, worker_id: str, device: str, spread: Spread, message: wp.JobMessage) -> None:
+        """A report about one part of a job spread over several workers."""
+        job = self._registry.find_live(spread.job_id)
+        part = spread.part_on(worker_id)
+        if job is None or job.state is not JobState.PROCESSING or part is None:
+            return  # the job ended (cancelled, failed) meanwhile, or the part was placed again
+        if isinstance(message, wp.Progress):
+            part.position_s = message.progress * spread.duration_s / 100
+            self._registry.set_progress(job, spread.progress(), spread.duration_s)
+        elif isinstance(message, wp.Shared):
+            self._spreads.shared(spread, part, message)
+            self._wake()
+        elif isinstance(message, wp.Finished):
+            part.transcript, part.processing_s, part.promised = message.transcript, message.processing_s, 0
+            if spread.complete():
+                transcript = spread.stitched()
+                self._spreads.forget(job.id)
+                self._registry.apply_or_defer(
+                    job, JobEvent.COMPLETE, transcript=transcript, audio_duration_s=transcript.duration_s
+                )
+                processing_s = sum(p.processing_s for p in spread.parts)
+                self._telemetry.job_completed(job.model, transcript.duration_s, processing_s)
+            else:
+                self._registry.set_progress(job, spread.progress(), spread.duration_s)
+        elif isinstance(message, wp.Failed):
+            if message.kind == "oom":
+                self._out_of_memory(device, job)
+            self._part_failed(job, spread, part, message.error, fatal=message.kind == "fatal")
+        elif isinstance(message, wp.Stopped):  # let go of through no fault of its own: placed again
+            part.let_go()
+            self._wake()
+
+    def _part_failed(self, job: JobRow, spread: Spread, part: Part, error: str, fatal: bool = False) -> None:
+        """A part that failed is placed again on its own, while the retry policy allows; past that (or
+        failing in a way no retry fixes) the job fails, and its other parts are stopped by the loop."""
+        part.failures += 1
+        part.let_go()
+        if fatal or part.failures > self._registry.policy.max_retries:
+            where = f"its audio from {part.start_s:.0f} s to {part.end_s:.0f} s"
+            tries = f"{part.failures} time{'s' * (part.failures > 1)}"
+            self._registry.apply_or_defer(job, JobEvent.FAIL_FATAL, error=f"{where} failed {tries}: {error}")
+        self._wake()
 
     def _out_of_memory(self, device: str, job: JobRow) -> None:
         """Count it, reserve more for this model from now on and retry the job on another GPU if one fits.
@@ -87,6 +140,16 @@ class WorkerOutcomes:
         own accord, is retried (it may be the cause); the others go back to the queue unharmed. Suspects (of
         a batch decoded together, where no one job can be blamed) each run alone next."""
         for job_id in unfinished:
+            spread = self._spreads.get(job_id)
+            part = spread.part_on(worker_id) if spread is not None else None
+            if spread is not None:
+                live = self._registry.find_live(job_id)
+                if part is not None and live is not None and live.state is JobState.PROCESSING:
+                    if job_id == culprit:
+                        self._part_failed(live, spread, part, error)
+                    else:
+                        part.let_go()  # placed again, unharmed
+                continue
             job = self._processing_job(worker_id, job_id)
             if job is None:
                 continue

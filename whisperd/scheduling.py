@@ -117,6 +117,30 @@ def fits(device: DeviceStatus, reserve_bytes: int, settings: PlanSettings) -> bo
     return available - reserve_bytes >= margin
 
 
+def reservation(model: str, device: DeviceStatus, settings: PlanSettings) -> tuple[int, int] | None:
+    """What one batch of the model reserves on the device and the windows its worker decodes at once, or
+    None when it does not fit. On a GPU, as many windows at once as there is room for (at least one)."""
+    reserve = settings.model_memory_bytes.get(model, settings.default_model_memory_bytes)
+    window_bytes = math.ceil(reserve * settings.window_memory_ratio)
+    if not fits(device, reserve + window_bytes, settings):
+        return None
+    if device.available_memory_bytes is None:
+        return 0, settings.cpu_chunk_batch
+    wanted = range(settings.gpu_chunk_batch, 1, -1)
+    chunk = next((c for c in wanted if fits(device, reserve + c * window_bytes, settings)), 1)
+    return reserve + chunk * window_bytes, chunk
+
+
+def taken(device: DeviceStatus, reserve_bytes: int) -> DeviceStatus:
+    """The device once a batch reserving this much runs on it."""
+    available = device.available_memory_bytes
+    return msgspec.structs.replace(
+        device,
+        available_memory_bytes=available - reserve_bytes if available is not None else None,
+        running_batches=device.running_batches + 1,
+    )
+
+
 class _Cursor:
     """A lane as one plan takes jobs from it."""
 
@@ -192,11 +216,7 @@ def plan(
         if head is None:
             break
         model = head.model
-        reserve = settings.model_memory_bytes.get(model, settings.default_model_memory_bytes)
-        window_bytes = math.ceil(reserve * settings.window_memory_ratio)
-        candidates = [
-            w for w in idle if w.device in room and fits(room[w.device], reserve + window_bytes, settings)
-        ]
+        candidates = [w for w in idle if w.device in room and reservation(model, room[w.device], settings)]
         if not candidates:
             blocked.add(model)  # waiting is fine, out-of-memory is not; other models may still fit
             continue
@@ -220,32 +240,23 @@ def plan(
             lane.taken += 1
             stamp += 1
             served[lane.lane.owner_uid] = stamp  # one job placed is one turn
-        is_gpu = device.available_memory_bytes is not None
-        chunk = settings.cpu_chunk_batch
-        if is_gpu:  # as many windows at once as the device has room for, at least one (it fit above)
-            wanted = range(settings.gpu_chunk_batch, 1, -1)
-            chunk = next((c for c in wanted if fits(device, reserve + c * window_bytes, settings)), 1)
-            reserve += chunk * window_bytes
+        fit = reservation(model, device, settings)
+        assert fit is not None  # a candidate
+        reserve, chunk = fit
         placements.append(
             Placement(
                 worker_id=worker.id,
                 device=worker.device,
                 model=model,
                 job_ids=tuple(j.id for j in batch),
-                reserve_bytes=reserve if is_gpu else 0,
+                reserve_bytes=reserve,
                 reason=_reason(worker, model, device),
                 chunk_batch=chunk,
             )
         )
         idle.remove(worker)
         placed_workers += 1
-        room[worker.device] = msgspec.structs.replace(
-            device,
-            available_memory_bytes=(
-                device.available_memory_bytes - reserve if device.available_memory_bytes is not None else None
-            ),
-            running_batches=device.running_batches + 1,
-        )
+        room[worker.device] = taken(device, reserve)
     return placements
 
 

@@ -24,7 +24,7 @@ import msgspec
 from whisperd import sandbox
 from whisperd import workerproto as wp
 from whisperd.audiodecode import AudioRefused
-from whisperd.batching import Prepared, WindowDecoder, decode_together
+from whisperd.batching import Prepared, Span, WindowDecoder, decode_together, find_windows
 from whisperd.protocol import Segment, Transcript, Word
 from whisperd.workeraudio import AudioInbox, AudioSource, PathAudio
 
@@ -80,6 +80,7 @@ class Worker:
         self._max_models = max_models
         self._models: OrderedDict[str, tuple[str, Any]] = OrderedDict()  # name -> (source, model)
         self._cancelled: set[int] = set()
+        self._share_requests: dict[int, wp.ShareJob] = {}  # by job id, until taken between two calls
         self._batches: queue.Queue[wp.RunBatch | None] = queue.Queue()
 
     def send(self, message: wp.FromWorker) -> None:
@@ -96,6 +97,8 @@ class Worker:
             command = wp.to_worker_decoder.decode(line)
             if isinstance(command, wp.CancelJob):
                 self._cancelled.add(command.job_id)
+            elif isinstance(command, wp.ShareJob):
+                self._share_requests[command.job_id] = command
             else:
                 self._batches.put(command)
         self._batches.put(None)  # the daemon closed our stdin: finish and exit
@@ -141,18 +144,32 @@ class Worker:
                 continue
             model, audio = ready
             try:
-                windows, info = decoder.windows(model, audio, spec)
+                windows, info, span = self._windows(decoder, model, audio, spec)
             except Exception as exc:
                 _JobReports(self).failed(spec, exc)
                 continue
             entry = by_model.setdefault(spec.model, (model, []))
-            entry[1].append(Prepared(spec, audio, info, windows, started=started))
+            entry[1].append(Prepared(spec, audio, info, windows, span=span, started=started))
         for model, prepared in by_model.values():
             decode_together(
-                decoder, model, prepared, _JobReports(self), self._cancelled.__contains__, finite_segment
-            )
+                decoder, model, prepared, _JobReports(self), self._cancelled.__contains__, finite_segment,
+                self._take_share_request,
+            )  # fmt: skip
         for spec in batch.jobs:
             self._cancelled.discard(spec.job_id)
+            self._share_requests.pop(spec.job_id, None)  # it ended before it could be shared
+
+    def _windows(
+        self, decoder: WindowDecoder, model: Any, audio: Any, spec: wp.JobSpec
+    ) -> tuple[list[Span], AudioInfo, Span]:
+        """The job's windows, its language and length, and the time range it decodes (batching.py)."""
+        windows, found, span = find_windows(
+            decoder, model, audio, spec, self._take_share_request, _JobReports(self)
+        )
+        return windows, AudioInfo(found.language, found.language_probability, found.duration_s), span
+
+    def _take_share_request(self, job_id: int) -> wp.ShareJob | None:
+        return self._share_requests.pop(job_id, None)
 
     def model(self, name: str, source: str) -> Any:
         """A loaded model by its users' name, loading it (and dropping the least recently used) if needed.
@@ -286,6 +303,9 @@ class _JobReports:
 
     def stopped(self, spec: wp.JobSpec) -> None:
         self._worker.send(wp.Stopped(job_id=spec.job_id, reason="cancelled"))
+
+    def shared(self, spec: wp.JobSpec, language: str, kept: wp.JobPart, parts: list[wp.JobPart]) -> None:
+        self._worker.send(wp.Shared(job_id=spec.job_id, language=language, kept=kept, parts=parts))
 
 
 def _finite(value: float, default: float) -> float:

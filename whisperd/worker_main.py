@@ -10,12 +10,10 @@ from typing import Any, BinaryIO
 from whisperd import audiodecode
 from whisperd import workerproto as wp
 from whisperd.audiodecode import SAMPLE_RATE
-from whisperd.batching import MAX_WINDOW_S, Span, cut_windows
+from whisperd.batching import MAX_WINDOW_S, Span
 from whisperd.config import AUDIO_FORMATS, BUNDLED_MODEL
 from whisperd.protocol import Segment, Word
 from whisperd.worker import AudioInfo, WorkerArgs, run_worker
-
-VAD_PIECE_S = 60.0  # audio the VAD reads at once
 
 
 class FasterWhisper:
@@ -63,28 +61,42 @@ class FasterWhisper:
 
     # ---- batched mode (batching.py) ----------------------------------------------------------------------
 
-    def windows(self, model: Any, audio: Any, spec: wp.JobSpec) -> tuple[list[Span], AudioInfo]:
-        """Cut at silences by faster-whisper's Silero VAD (audio of 30 s or less is one window); the language
-        is the spec's, else detected on this job's own audio (a batch may mix languages)."""
+    max_window_s = MAX_WINDOW_S
+
+    def audio_duration_s(self, audio: Any) -> float:
+        return len(audio) / SAMPLE_RATE
+
+    def language(self, model: Any, audio: Any, spec: wp.JobSpec) -> tuple[str, float]:
+        """The spec's; else detected on this job's own audio (a batch may mix languages); "en" for an
+        English-only model, as faster-whisper does."""
+        if not model.model.is_multilingual:
+            return "en", 1.0
+        if spec.language is not None:
+            return spec.language, 1.0
+        language, probability, _ = model.detect_language(audio)
+        return language, float(probability)
+
+    def speech(self, audio: Any, start_s: float, end_s: float) -> list[Span]:
+        """faster-whisper's Silero VAD."""
         from faster_whisper.vad import VadOptions, get_speech_timestamps
 
-        duration_s = len(audio) / SAMPLE_RATE
-        language, probability = spec.language or "en", 1.0
-        if model.model.is_multilingual and spec.language is None:
-            language, probability, _ = model.detect_language(audio)
-        elif not model.model.is_multilingual:
-            language = "en"  # as faster-whisper does for an English-only model
-        info = AudioInfo(language, float(probability), duration_s)
-        if duration_s <= MAX_WINDOW_S:
-            return [(0.0, duration_s)], info
         options = VadOptions(max_speech_duration_s=MAX_WINDOW_S, min_silence_duration_ms=160)
-        # A piece at a time: over a whole 10-minute file at once the VAD's peak memory was 160 MB higher.
-        regions: list[Span] = []
-        piece = int(VAD_PIECE_S * SAMPLE_RATE)
-        for offset in range(0, len(audio), piece):
-            for s in get_speech_timestamps(audio[offset : offset + piece], options):
-                regions.append(((offset + s["start"]) / SAMPLE_RATE, (offset + s["end"]) / SAMPLE_RATE))
-        return cut_windows(regions, duration_s), info
+        first = int(start_s * SAMPLE_RATE)
+        found = get_speech_timestamps(audio[first : int(end_s * SAMPLE_RATE)], options)
+        return [((first + s["start"]) / SAMPLE_RATE, (first + s["end"]) / SAMPLE_RATE) for s in found]
+
+    def quietest_s(self, audio: Any, start_s: float, end_s: float) -> float:
+        """The middle of the 50 ms frame with the least energy."""
+        import numpy as np
+
+        frame = SAMPLE_RATE // 20
+        first = int(start_s * SAMPLE_RATE)
+        samples = np.asarray(audio[first : int(end_s * SAMPLE_RATE)], dtype=np.float32)
+        frames = len(samples) // frame
+        if frames < 1:
+            return (start_s + end_s) / 2
+        energy = np.square(samples[: frames * frame]).reshape(frames, frame).sum(axis=1)
+        return (first + (int(np.argmin(energy)) + 0.5) * frame) / SAMPLE_RATE
 
     def decode_windows(
         self,

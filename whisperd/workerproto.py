@@ -9,6 +9,16 @@ import msgspec
 
 from whisperd.protocol import Task, Transcript
 
+Span = tuple[float, float]  # seconds from the start of a job's audio
+
+
+class JobPart(msgspec.Struct, frozen=True, kw_only=True):
+    """A time range of a job's audio decoded by one worker when the job is spread over several."""
+
+    start_s: float
+    end_s: float
+    windows: list[Span] | None = None  # cut already (by the worker that shared it); None: cut it there
+
 
 class JobSpec(msgspec.Struct, kw_only=True):
     job_id: int
@@ -26,6 +36,13 @@ class JobSpec(msgspec.Struct, kw_only=True):
     max_audio_duration_s: float = 0.0  # 0: no limit
     max_result_bytes: int = 0  # the encoded Finished line; 0: no limit
     audio_formats: list[str] = []  # FFmpeg demuxers allowed to parse the audio; empty: the built-in list
+    # A part of a job spread over several workers, in the language the worker that shared it found; None:
+    # the whole audio.
+    part: JobPart | None = None
+    # Batched mode: when the audio lasts at least twice this (transcribe.shard_min_audio_s, > 0), the
+    # worker reports its length as soon as it is decoded, so the daemon may share the job before its windows
+    # are; 0: never shared.
+    shard_min_audio_s: float = 0.0
 
 
 # daemon -> worker
@@ -44,7 +61,16 @@ class CancelJob(msgspec.Struct, tag="cancel_job", kw_only=True):
     job_id: int
 
 
-ToWorker = RunBatch | CancelJob
+class ShareJob(msgspec.Struct, tag="share_job", kw_only=True):
+    """Workers idle: give up to `helpers` parts of the job's windows not yet decoded to them (answered by
+    Shared, unless the job ends first)."""
+
+    job_id: int
+    helpers: int
+    min_part_s: float  # transcribe.shard_min_audio_s: no part shorter
+
+
+ToWorker = RunBatch | CancelJob | ShareJob
 
 # worker -> daemon
 
@@ -97,12 +123,23 @@ class Stopped(msgspec.Struct, tag="stopped", kw_only=True):
     reason: StopReason
 
 
+class Shared(msgspec.Struct, tag="shared", kw_only=True):
+    """The answer to ShareJob: the part this worker keeps (what it decoded already included) and the parts
+    it gave away, in order (none: too little was left to share). Asked while it still looks for speech, it
+    gives away time ranges it has not cut; once its windows are cut, windows."""
+
+    job_id: int
+    language: str
+    kept: JobPart
+    parts: list[JobPart]
+
+
 class BatchDone(msgspec.Struct, tag="batch_done", kw_only=True):
     batch_id: int
     models: list[str]  # loaded now, after any unloading
 
 
-JobMessage = Started | Progress | Finished | Failed | Stopped  # about one job of the running batch
+JobMessage = Started | Progress | Finished | Failed | Stopped | Shared  # about one job of the running batch
 FromWorker = Ready | JobMessage | BatchDone
 
 to_worker_decoder = msgspec.json.Decoder(ToWorker)

@@ -70,10 +70,10 @@ class FakeFleet:
     """Records what Handlers asks of the fleet: only cancel."""
 
     def __init__(self) -> None:
-        self.cancels: list[tuple[str, int]] = []
+        self.cancels: list[int] = []
 
-    def cancel(self, worker_id: str, job_id: int) -> None:
-        self.cancels.append((worker_id, job_id))
+    def cancel_everywhere(self, job_id: int) -> None:
+        self.cancels.append(job_id)
 
 
 class FakeViews:
@@ -368,7 +368,7 @@ def test_cancel_of_a_running_job_tells_its_worker(parts: Parts) -> None:
     assert isinstance(reply, p.Jobs) and reply.errors == []
     assert [(j.id, j.state) for j in reply.jobs] == [(view.id, S.CANCELLED)]
     assert parts.registry.get(view.id).state is S.CANCELLED
-    assert parts.fleet.cancels == [("cpu0", view.id)]
+    assert parts.fleet.cancels == [view.id]
     assert parts.events(view.id) == ["submit", "dispatch", "cancel"]
     assert parts.spooled() == [], "its audio is no longer needed"
     assert parts.wakes == wakes + 1

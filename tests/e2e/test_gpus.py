@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakenvml import gcc_path
+from tests.fakenvml import build_fake_nvml, gcc_path
 from tests.support.daemon import DaemonProcess
-from tests.support.gpus import GIB, TOTAL, Gpus, gpu
+from tests.support.gpus import GIB, TOTAL, Gpus, gpu, start_gpu_daemon
 from whisperd.jobs import JobState
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(gcc_path() is None, reason="gcc builds the fake NVML")]
@@ -107,3 +107,30 @@ def test_a_gpu_that_stops_answering_has_its_jobs_finished_elsewhere(
     assert f"GPU {lost} stopped answering NVML" in gpus.daemon.log()
     gpus.set(gpu(0), gpu(1))
     assert f"GPU {lost} answers NVML again" in gpus.daemon.log()
+
+
+def test_a_long_job_is_spread_over_both_gpus_and_a_part_on_a_lost_one_is_decoded_on_the_other(
+    tmp_path: Path, speech: dict[str, Path]
+) -> None:
+    gpus = start_gpu_daemon(tmp_path, build_fake_nvml(tmp_path / "lib"), shard_min_audio_s=30.0)
+    try:
+        gpus.daemon.wait_for(
+            lambda: sorted(w.state for w in gpus.daemon.client.stats().workers) == ["idle", "idle"],
+            timeout_s=120, what="both GPU workers ready",
+        )  # fmt: skip
+        [job] = gpus.daemon.client.submit([str(speech["long"])])
+        gpus.daemon.wait_for(
+            lambda: sorted(w.device for w in gpus.daemon.client.stats().workers if job.id in w.jobs)
+            == ["cuda:0", "cuda:1"],
+            timeout_s=120, what="a part of the job on each GPU",
+        )  # fmt: skip
+        first = gpus.daemon.job(job.id).device or ""
+        gpus.set(*(gpu(i, fail=int(f"cuda:{i}" == first)) for i in (0, 1)))
+        [final] = gpus.daemon.wait_terminal([job.id], timeout_s=300)
+        assert final.state is JobState.COMPLETED and final.retries == 0
+        transcript = gpus.daemon.client.result(job.id).transcript
+        starts = [s.start for s in transcript.segments]
+        assert starts == sorted(starts) and transcript.segments[-1].end > transcript.duration_s - 30
+        assert {"morning", "quarterly", "budget"} <= set(transcript.text.lower().replace(",", " ").split())
+    finally:
+        gpus.daemon.stop()

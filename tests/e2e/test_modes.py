@@ -47,6 +47,17 @@ def words(text: str) -> list[str]:
     return re.findall(r"[a-záéíóúñ']+", text.lower())
 
 
+def word_edits(a: list[str], b: list[str]) -> int:
+    """Words inserted, deleted or substituted to turn a into b (Levenshtein over words)."""
+    previous = list(range(len(b) + 1))
+    for i, word in enumerate(a, start=1):
+        current = [i]
+        for j, other in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (word != other)))
+        previous = current
+    return previous[-1]
+
+
 def test_sequential_mode_gives_what_bare_faster_whisper_gives(
     sequential: DaemonProcess, speech: dict[str, Path]
 ) -> None:
@@ -125,3 +136,44 @@ def test_batched_mode_detects_each_job_s_language_and_translates(
     assert {"today", "madrid"} <= set(words(translation.text)) and "presupuesto" not in words(
         translation.text
     )
+
+
+def test_a_long_recording_is_spread_over_both_workers_and_reads_as_one(
+    tmp_path: Path, speech: dict[str, Path]
+) -> None:
+    """Two workers, one 3-minute recording: the idle worker takes a part of it, and the stitched
+    transcript reads like the one a single worker makes of the whole recording."""
+    alone = DaemonProcess(
+        tmp_path / "alone", {"workers": {"cpu_workers": 1}, "transcribe": {"shard_min_audio_s": 0.0}}
+    ).start()
+    try:
+        [job] = alone.client.submit([str(speech["long"])])
+        [final] = alone.wait_terminal([job.id], timeout_s=300)
+        assert final.state is JobState.COMPLETED
+        whole = alone.client.result(job.id).transcript
+    finally:
+        alone.stop()
+    daemon = DaemonProcess(
+        tmp_path / "spread", {"workers": {"cpu_workers": 2}, "transcribe": {"shard_min_audio_s": 30.0}}
+    ).start()
+    try:
+        daemon.wait_for(
+            lambda: [w.state for w in daemon.client.stats().workers] == ["idle", "idle"],
+            timeout_s=120, what="workers ready",
+        )  # fmt: skip
+        [job] = daemon.client.submit([str(speech["long"])])
+        daemon.wait_for(
+            lambda: all(job.id in w.jobs for w in daemon.client.stats().workers),
+            timeout_s=120, what="both workers on the job",
+        )  # fmt: skip
+        [final] = daemon.wait_terminal([job.id], timeout_s=300)
+        assert final.state is JobState.COMPLETED and final.retries == 0
+        spread = daemon.client.result(job.id).transcript
+    finally:
+        daemon.stop()
+    assert [s.id for s in spread.segments] == list(range(1, len(spread.segments) + 1))
+    starts = [s.start for s in spread.segments]
+    assert starts == sorted(starts) and spread.segments[-1].end > spread.duration_s - 30
+    assert spread.duration_s == whole.duration_s
+    edits = word_edits(words(whole.text), words(spread.text))
+    assert edits <= 0.02 * len(words(whole.text)), (edits, whole.text, spread.text)

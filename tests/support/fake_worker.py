@@ -15,7 +15,14 @@ The spooled audio file is the script, a few words:
   open=PATH     try to open PATH for reading; the transcript's text says what happened
   connect=PATH  try to connect to the Unix socket PATH; likewise
   tcp=PORT      try to connect to 127.0.0.1:PORT over TCP; likewise
-The transcript's text is "job <id>", or what the probes above found."""
+The transcript's text is "job <id>", or what the probes above found.
+
+With FAKE_WORKER_BATCHED set, the transcriber is also a window decoder (batched mode), and scripts may say:
+  windows=N           N windows, one each 10 s (audio of 10*N s), window k decoded to one segment " w<k>"
+  window_s=S          take S seconds per window
+  part-fails-once     a part of a spread job (spec.part given) fails the first time one is decoded
+  part-fails-always   every part fails
+  part-crashes-once   the worker decoding a part dies, the first time"""
 
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -50,9 +57,10 @@ class ScriptedTranscriber:
 
     def _once(self, word: str, spec: wp.JobSpec) -> bool:
         marker = self._state / f"{word}-{spec.job_id}"
-        if marker.exists():
+        try:  # atomic: the parts of one job run in several workers at once
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
             return False
-        marker.touch()
         return True
 
     def transcribe(self, model: Any, audio: Any, spec: wp.JobSpec) -> tuple[Iterable[Segment], AudioInfo]:
@@ -82,6 +90,49 @@ class ScriptedTranscriber:
             time.sleep(segment_s)
             yield Segment(id=i + 1, start=float(i), end=float(i + 1), text=text if i == 0 else "")
         del hog
+
+
+class ScriptedWindowDecoder(ScriptedTranscriber):
+    """The scripted transcriber with batched decoding (whisperd.batching.WindowDecoder)."""
+
+    @staticmethod
+    def _options(audio: bytes) -> dict[str, str]:
+        return dict(w.split("=", 1) for w in audio.decode(errors="replace").split() if "=" in w)
+
+    max_window_s = 9.5  # each window its own
+
+    def audio_duration_s(self, audio: bytes) -> float:
+        return 10.0 * int(self._options(audio).get("windows", 1))
+
+    def language(self, model: Any, audio: bytes, spec: wp.JobSpec) -> tuple[str, float]:
+        return spec.language or "en", 1.0
+
+    def speech(self, audio: bytes, start_s: float, end_s: float) -> list[tuple[float, float]]:
+        count = int(self._options(audio).get("windows", 1))
+        return [(10.0 * k, 10.0 * k + 9.0) for k in range(count) if start_s <= 10.0 * k < end_s]
+
+    def quietest_s(self, audio: bytes, start_s: float, end_s: float) -> float:
+        return (start_s + end_s) / 2
+
+    def decode_windows(
+        self,
+        model: Any,
+        windows: Sequence[tuple[Any, float, float]],
+        spec: wp.JobSpec,
+        language: str,
+        chunk_batch: int,
+    ) -> Iterator[tuple[int, list[Segment]]]:
+        script = windows[0][0].decode(errors="replace").split() if windows else []
+        if spec.part is not None:
+            if "part-crashes-once" in script and self._once("part-crash", spec):
+                os._exit(3)
+            fails_once = "part-fails-once" in script and self._once("part-fail", spec)
+            if fails_once or "part-fails-always" in script:
+                raise RuntimeError("the decoder broke")
+        window_s = float(self._options(windows[0][0]).get("window_s", 0)) if windows else 0.0
+        for index, (_audio, start, end) in enumerate(windows):
+            time.sleep(window_s)
+            yield index, [Segment(id=1, start=start, end=end, text=f" w{int(start // 10)}")]
 
 
 def _nan_segments(text: str) -> Iterator[Segment]:
@@ -115,7 +166,8 @@ def main() -> None:
     if "--sandbox" in argv:  # the scripts' markers live in the state dir
         argv += ["--sandbox-write", str(state)]
     protocol_fd = os.dup(1)  # before run_worker points fd 1 at stderr
-    run_worker(argv, lambda args: ScriptedTranscriber(state, protocol_fd))
+    kind = ScriptedWindowDecoder if os.environ.get("FAKE_WORKER_BATCHED") else ScriptedTranscriber
+    run_worker(argv, lambda args: kind(state, protocol_fd))
 
 
 if __name__ == "__main__":

@@ -50,12 +50,17 @@ class Gpus:
         self.daemon.wait_for(seen, 10, f"the daemon to read {gpus}")
 
 
-def start_gpu_daemon(folder: Path, library: Path) -> Gpus:
+def start_gpu_daemon(folder: Path, library: Path, shard_min_audio_s: float = 0.0) -> Gpus:
+    """shard_min_audio_s: 0, no job spread over both GPUs, so that each test follows one job on one GPU."""
     state = folder / "nvml-state"
     write_state(state, [gpu(0), gpu(1)])
     daemon = DaemonProcess(
         folder / "state",
-        {"scheduler": {"gpu_monitor_interval_s": 0.2}, "gpu": {"worker_device": "cpu"}},
+        {
+            "scheduler": {"gpu_monitor_interval_s": 0.2},
+            "gpu": {"worker_device": "cpu"},
+            "transcribe": {"shard_min_audio_s": shard_min_audio_s},
+        },
         env={"LD_LIBRARY_PATH": str(library.parent), "FAKE_NVML_STATE": str(state)},
     ).start()
     return Gpus(daemon, state)

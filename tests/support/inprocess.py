@@ -61,13 +61,16 @@ class FakeClock:
         self.now += seconds
 
 
-def fake_worker_spawner(state_dir: Path) -> Spawner:
-    """Starts tests/support/fake_worker.py with the worker arguments the daemon chose."""
+def fake_worker_spawner(state_dir: Path, batched: bool = False) -> Spawner:
+    """Starts tests/support/fake_worker.py with the worker arguments the daemon chose; batched: its
+    transcriber decodes windows too (batched mode)."""
     state_dir.mkdir(parents=True, exist_ok=True)
 
     async def spawn(*argv: str, env: dict[str, str], **kwargs: Any) -> asyncio.subprocess.Process:
         worker_args = list(argv[argv.index("whisperd.worker_main") + 1 :])
         env = {**env, "FAKE_WORKER_STATE": str(state_dir)}
+        if batched:
+            env["FAKE_WORKER_BATCHED"] = "1"
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tests.support.fake_worker", *worker_args, env=env, **kwargs
         )
