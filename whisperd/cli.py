@@ -86,7 +86,7 @@ async def serve(config_path: Path | None, log_level: str | None) -> int:
     )
     server = ControlServer(
         app.handlers, app.watchers, app.snapshot, config.daemon.max_request_bytes,
-        limits=lambda: app.daemon.config.daemon,
+        limits=lambda: app.daemon.config.daemon, worker_pids=app.fleet.pids,
     )  # fmt: skip
     socket_path = Path(config.daemon.socket_path)
     sock = systemd.listen_socket()  # socket activation: whisperd.socket holds the socket for us

@@ -140,6 +140,10 @@ class Fleet:
             for h in self._handles.values()
         ]
 
+    def pids(self) -> frozenset[int]:
+        """The worker processes running now."""
+        return frozenset(h.pid for h in self._handles.values() if h.pid is not None)
+
     def device_of(self, worker_id: str) -> str:
         return self._handles[worker_id].spec.device
 

@@ -51,6 +51,10 @@ class Rules(msgspec.Struct, frozen=True, kw_only=True):
     write: tuple[str, ...] = ()  # writable beneath these
     devices: tuple[str, ...] = ()  # character devices to read, write and ioctl
     https: bool = False  # TCP connect to port 443 (models fetched by name); otherwise no TCP at all
+    # Unix sockets: refused, except to a CUDA worker, whose driver fails to start without one (seen on an
+    # H200: cuInit answered error 304 under the filter, whatever errno it returned). The daemon refuses
+    # its own workers on the control socket instead (server.py).
+    unix_sockets: bool = False
 
 
 def landlock_abi() -> int:
@@ -62,10 +66,16 @@ def landlock_abi() -> int:
 
 
 def worker_rules(
-    model_paths: Iterable[str], extra_read: Iterable[str], extra_write: Iterable[str], downloads: bool
+    model_paths: Iterable[str],
+    extra_read: Iterable[str],
+    extra_write: Iterable[str],
+    downloads: bool,
+    cuda: bool = False,
 ) -> Rules:
     """Python (its installation and import path, but never the working directory, which in service is /),
-    the system, the model directories and the Hugging Face cache (writable only where models are fetched)."""
+    the system, the model directories and the Hugging Face cache (writable only where models are fetched).
+    The process's own /proc entries are writable: the CUDA driver writes there (its threads' names) and
+    fails to start when it cannot (seen on an H200, `bench/gpu_sandbox_check.py`)."""
     try:
         here = os.getcwd()
     except OSError:  # removed meanwhile: nothing of it to keep out
@@ -73,8 +83,8 @@ def worker_rules(
     python = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix}
     python |= {p for p in sys.path if p and os.path.abspath(p) not in (here, "/")}
     python.add(os.path.dirname(os.path.abspath(__file__)))  # whisperd, wherever an editable install keeps it
-    read = [*sorted(python), *SYSTEM_READ, f"/proc/{os.getpid()}", *model_paths, *extra_read]
-    write = list(extra_write)
+    read = [*sorted(python), *SYSTEM_READ, *model_paths, *extra_read]
+    write = [f"/proc/{os.getpid()}", *extra_write]
     for hub in hub_dirs():
         if downloads:
             with contextlib.suppress(OSError):  # then fetching fails, with its own error, not the worker
@@ -82,7 +92,9 @@ def worker_rules(
             write.append(hub)
         read.append(hub)
     devices = ["/dev/null", *sorted(glob.glob("/dev/nvidia*"))]
-    return Rules(read=tuple(read), write=tuple(write), devices=tuple(devices), https=downloads)
+    return Rules(
+        read=tuple(read), write=tuple(write), devices=tuple(devices), https=downloads, unix_sockets=cuda
+    )
 
 
 def confine(rules: Rules) -> list[str]:
@@ -96,7 +108,7 @@ def confine(rules: Rules) -> list[str]:
         done.append("no Landlock in this kernel: files and TCP unrestricted")
     else:
         done.append(_landlock(libc, abi, rules))
-    done.append(_deny_unix_sockets(libc))
+    done.append(_deny_unix_sockets(libc, allow=rules.unix_sockets))
     return done
 
 
@@ -150,8 +162,9 @@ _LD_W_ABS, _JEQ_K, _JGE_K, _RET_K = 0x20, 0x15, 0x35, 0x06
 _RET_ALLOW, _RET_ERRNO = 0x7FFF0000, 0x00050000
 
 
-def _deny_unix_sockets(libc: ctypes.CDLL) -> str:
-    """socket(AF_UNIX, ...) fails with EACCES; foreign-ABI system calls (i386, x32) fail with ENOSYS."""
+def _deny_unix_sockets(libc: ctypes.CDLL, allow: bool = False) -> str:
+    """socket(AF_UNIX, ...) fails with EACCES (unless allowed); foreign-ABI system calls (i386, x32) fail
+    with ENOSYS."""
     machine = platform.machine()
     if machine not in _AUDIT_ARCH:
         return f"Unix sockets allowed: no seccomp filter for {machine}"
@@ -164,12 +177,15 @@ def _deny_unix_sockets(libc: ctypes.CDLL) -> str:
         (_LD_W_ABS, 0, 0, 0),  # nr
         (_JGE_K, 0, 1, _X32_BIT) if x32 else (_JEQ_K, 0, 1, 0xFFFFFFFF),
         (_RET_K, 0, 0, _RET_ERRNO | errno.ENOSYS),
-        (_JEQ_K, 0, 3, _SOCKET_NR[machine]),
-        (_LD_W_ABS, 0, 0, 16),  # args[0], the domain (low half, little-endian)
-        (_JEQ_K, 0, 1, 1),  # AF_UNIX
-        (_RET_K, 0, 0, deny),
-        (_RET_K, 0, 0, _RET_ALLOW),
     ]
+    if not allow:
+        program += [
+            (_JEQ_K, 0, 3, _SOCKET_NR[machine]),
+            (_LD_W_ABS, 0, 0, 16),  # args[0], the domain (low half, little-endian)
+            (_JEQ_K, 0, 1, 1),  # AF_UNIX
+            (_RET_K, 0, 0, deny),
+        ]
+    program.append((_RET_K, 0, 0, _RET_ALLOW))
     filters = b"".join(struct.pack("=HBBI", *insn) for insn in program)
     code = ctypes.create_string_buffer(filters, len(filters))
 
@@ -179,7 +195,9 @@ def _deny_unix_sockets(libc: ctypes.CDLL) -> str:
     prog = _Prog(len(program), ctypes.cast(code, ctypes.c_void_p))
     if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
         return f"Unix sockets allowed: seccomp refused ({os.strerror(ctypes.get_errno())})"
-    return "seccomp: no Unix sockets"
+    return (
+        "seccomp: Unix sockets allowed (CUDA), foreign ABIs refused" if allow else "seccomp: no Unix sockets"
+    )
 
 
 def hub_dirs() -> list[str]:

@@ -17,14 +17,14 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from pathlib import Path
 
 import msgspec
 
 from whisperd import protocol as p
 from whisperd.config import DaemonConfig
-from whisperd.errors import RequestTooLarge, TooManyConnections, WhisperdError
+from whisperd.errors import PermissionDenied, RequestTooLarge, TooManyConnections, WhisperdError
 from whisperd.handlers import Caller, Handlers
 from whisperd.watchers import Watchers, WatchQueue
 
@@ -33,6 +33,20 @@ _MAX_FDS = 64  # passed with one request, and held on a connection before its re
 _RECV_BYTES = 256 * 1024
 _LOG_INTERVAL_S = 60.0  # a client can cause these lines at will: one of each kind a minute
 _MAX_INTERNAL_MESSAGE_CHARS = 500
+
+
+def lineage(pid: int, max_depth: int = 64) -> list[int]:
+    """The process and its ancestors, from procfs (no disk: it does not block); stops where one is gone."""
+    found: list[int] = []
+    while pid > 1 and len(found) < max_depth:
+        found.append(pid)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                # pid (comm) state ppid ...: comm may hold spaces and parentheses, so read after the last ')'
+                pid = int(stat.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return found
 
 
 def peer_credentials(conn: socket.socket) -> Caller:
@@ -130,14 +144,18 @@ class ControlServer:
         snapshot: Callable[[], list[p.Reply]],
         max_request_bytes: int,
         limits: Callable[[], DaemonConfig] = DaemonConfig,
+        worker_pids: Callable[[], Set[int]] = frozenset,
     ) -> None:
         """limits: the running [daemon] settings, read afresh per connection and per send (a reload may
-        change max_connections_per_uid and send_timeout_s)."""
+        change max_connections_per_uid and send_timeout_s). worker_pids: the daemon's worker processes,
+        which (and whose children) are refused: they run as the daemon's user, and a worker's sandbox
+        cannot always keep it off Unix sockets (a CUDA driver needs one)."""
         self._handlers = handlers
         self._watchers = watchers
         self._snapshot = snapshot
         self._max_request_bytes = max_request_bytes
         self._limits = limits
+        self._worker_pids = worker_pids
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._connections: set[asyncio.Task[None]] = set()
@@ -184,6 +202,10 @@ class ControlServer:
             except OSError:  # the peer is gone already
                 conn.close()
                 continue
+            workers = self._worker_pids()
+            if workers and not workers.isdisjoint(lineage(caller.pid)):
+                self._refuse_worker(conn, caller)
+                continue
             limit = self._limits().max_connections_per_uid
             if caller.uid != 0 and self._per_uid[caller.uid] >= limit:  # root: an admin always gets in
                 self._refuse(conn, caller, limit)
@@ -210,6 +232,14 @@ class ControlServer:
         conn.close()
         if self._throttle.allow(("refused", caller.uid)):
             log.warning("refused connections of uid %d: it holds %d already", caller.uid, limit)
+
+    def _refuse_worker(self, conn: socket.socket, caller: Caller) -> None:
+        error = PermissionDenied("whisperd's worker processes may not use its control socket")
+        with contextlib.suppress(OSError):
+            conn.send(p.encode_line(_error(error)))
+        conn.close()
+        if self._throttle.allow(("worker", caller.pid)):
+            log.warning("refused a control connection from pid %d, a worker process or its child", caller.pid)
 
     async def _serve(self, conn: socket.socket, caller: Caller) -> None:
         loop = asyncio.get_running_loop()

@@ -361,7 +361,9 @@ def confine(args: WorkerArgs) -> None:
     sources = [s for s in args.model_sources if not s.startswith("bundled:")]
     model_dirs = [s for s in sources if os.path.isdir(s)]
     downloads = len(model_dirs) < len(sources)
-    rules = sandbox.worker_rules(model_dirs, args.sandbox_read, args.sandbox_write, downloads)
+    rules = sandbox.worker_rules(
+        model_dirs, args.sandbox_read, args.sandbox_write, downloads, cuda=args.device == "cuda"
+    )
     if threading.active_count() > 1 or len(os.listdir("/proc/self/task")) > 1:
         log.warning("sandboxing a worker that already runs several threads: only this one is confined")
     log.info("worker sandbox: %s", "; ".join(sandbox.confine(rules)))

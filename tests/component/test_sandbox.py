@@ -21,8 +21,8 @@ CHILD = r"""
 import json, os, signal, socket, sys
 from whisperd import sandbox
 
-state, models, control, port, downloads = sys.argv[1:6]
-done = sandbox.confine(sandbox.worker_rules([models], [], [], downloads=downloads == "1"))
+state, models, control, port, downloads, cuda = sys.argv[1:7]
+done = sandbox.confine(sandbox.worker_rules([models], [], [], downloads=downloads == "1", cuda=cuda == "1"))
 
 def attempt(action):
     try:
@@ -52,6 +52,7 @@ print(json.dumps({
     "tcp": attempt(tcp),
     "udp": attempt(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()),
     "write /dev/null": attempt(lambda: open("/dev/null", "wb").write(b"x")),
+    "name itself": attempt(lambda: open("/proc/self/comm", "w").write("worker")),
     "import numpy": attempt(lambda: __import__("numpy")),
     "https": attempt(lambda: socket.create_connection(("127.0.0.1", 443), timeout=5).close()),
     "write hub cache": attempt(lambda: open(os.path.join(os.environ["HF_HOME"], "x"), "wb").close()),
@@ -59,7 +60,7 @@ print(json.dumps({
 """
 
 
-def confined(tmp_path: Path, downloads: bool) -> dict[str, object]:
+def confined(tmp_path: Path, downloads: bool, cuda: bool = False) -> dict[str, object]:
     state, models = tmp_path / "state", tmp_path / "models"
     state.mkdir()
     models.mkdir()
@@ -73,7 +74,7 @@ def confined(tmp_path: Path, downloads: bool) -> dict[str, object]:
         port = str(tcp.getsockname()[1])
         argv = [sys.executable, "-c", CHILD, str(state), str(models), str(tmp_path / "control.sock"), port]
         env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
-        argv.append("1" if downloads else "0")
+        argv += ["1" if downloads else "0", "1" if cuda else "0"]
         child = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
     finally:
         control.close()
@@ -98,6 +99,9 @@ def test_a_confined_process_cannot_reach_the_daemons_files(outcome: dict[str, ob
     assert outcome["read parent"] == denied
     assert outcome["read model"] == "ok", "a model directory it was given stays readable"
     assert outcome["write /dev/null"] == "ok"
+    assert outcome["name itself"] == "ok", (
+        "its own /proc entries stay writable (the CUDA driver writes there)"
+    )
     assert outcome["import numpy"] == "ok", "imports after the sandbox still work"
 
 
@@ -127,3 +131,12 @@ def test_models_fetched_by_name_open_https_and_the_hub_cache_only(tmp_path: Path
 @pytest.mark.skipif(ABI < 6, reason="Landlock scopes signals from ABI 6 (Linux 6.12)")
 def test_a_confined_process_cannot_signal_the_daemon(outcome: dict[str, object]) -> None:
     assert outcome["signal parent"] == os.strerror(1)  # EPERM
+
+
+def test_a_cuda_worker_keeps_unix_sockets_and_nothing_else(tmp_path: Path) -> None:
+    """Its driver fails to start without a Unix socket (seen on an H200: bench/gpu_sandbox_check.py); the
+    daemon refuses its workers on the control socket instead (tests/component/test_worker_peers.py)."""
+    outcome = confined(tmp_path, downloads=False, cuda=True)
+    assert outcome["unix socket"] == "ok"
+    if ABI:
+        assert outcome["read state"] == "Permission denied" and outcome["write tmp"] == "Permission denied"
