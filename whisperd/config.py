@@ -133,7 +133,9 @@ class TranscribeConfig(_Section):
     # to *_chunk_batch windows per call; sequential: one job after another, faster-whisper's own transcribe,
     # whose output equals a bare faster-whisper run's (conditioning on previous text, finer segments).
     mode: Literal["batched", "sequential"] = "batched"
-    cpu_chunk_batch: PositiveInt = 8  # windows decoded per call on a CPU worker
+    # Windows decoded per call on a CPU worker: 4 was the fastest of 2, 4, 6 and 8 on the 10-minute recording
+    # of bench/batching.py (2 CPU workers), and no slower with short clips.
+    cpu_chunk_batch: PositiveInt = 4
     gpu_chunk_batch: PositiveInt = 16  # on a GPU worker; halved (down to 1) on a CUDA out-of-memory error
     # Batched mode: while workers idle with nothing queued for them, a running job with at least twice this
     # much audio left is spread over them, each taking at least this much (0: never spread a job).
