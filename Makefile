@@ -14,7 +14,7 @@ PYTHON ?= python3
 PIP_FLAGS ?=
 # `make bench`: queued jobs bench/scale.py fills the store with (make bench SCALE_JOBS=100000 is quicker)
 SCALE_JOBS ?= 1000000
-APT_PACKAGES := espeak-ng sox ffmpeg socat gcc pkg-config libsystemd-dev python3-venv prometheus prometheus-alertmanager
+APT_PACKAGES := espeak-ng sox ffmpeg socat gcc pkg-config libsystemd-dev python3-venv prometheus prometheus-alertmanager postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test test-faults lint bench system-deps venv clean install

@@ -10,6 +10,8 @@ from tests.fakenvml import build_fake_nvml, gcc_path
 from tests.support import audio
 from tests.support.daemon import DaemonProcess
 from tests.support.gpus import Gpus, start_gpu_daemon
+from tests.support.postgres import Cluster
+from tests.support.postgres import why_not as pg_why_not
 from tests.support.system_state import SYSTEM_PATHS, Snapshot, changed, snapshot
 
 SYSTEM_BEFORE = pytest.StashKey[Snapshot]()
@@ -103,3 +105,15 @@ def gpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gpus]:
     fake = start_gpu_daemon(folder, build_fake_nvml(folder / "lib"))
     yield fake
     fake.daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Cluster]:
+    """A throwaway PostgreSQL cluster (tests/support/postgres.py), shared by the session; each test makes
+    its own database in it."""
+    reason = pg_why_not()
+    if reason is not None:
+        pytest.skip(reason)
+    cluster = Cluster().start()
+    yield cluster
+    cluster.stop()
