@@ -94,8 +94,9 @@ class SchemaTooNew(StorageError):
 
 
 def migrate(conn: Any, release: str) -> list[int]:
-    """Bring the schema to LATEST on a psycopg connection (not in a transaction); returns the versions this
-    call applied (none when another host, or an earlier start, did it)."""
+    """Bring the schema to LATEST on a psycopg connection in autocommit mode (the migration is a transaction
+    of its own); returns the versions this call applied (none when another host, or an earlier start, did
+    it)."""
     applied: list[int] = []
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))

@@ -26,7 +26,7 @@ def tables(conn: psycopg.Connection[tuple[object, ...]]) -> set[str]:
 
 
 def test_a_fresh_database_gets_every_migration_once(dsn: str) -> None:
-    with psycopg.connect(dsn) as conn:
+    with psycopg.connect(dsn, autocommit=True) as conn:
         assert pg_schema.version(conn) == 0
         assert pg_schema.migrate(conn, "test") == [v for v, _ in pg_schema.MIGRATIONS]
         assert pg_schema.version(conn) == pg_schema.LATEST
@@ -43,7 +43,7 @@ def test_hosts_starting_at_once_apply_each_migration_once(dsn: str) -> None:
 
     def host() -> None:
         try:
-            with psycopg.connect(dsn) as conn:
+            with psycopg.connect(dsn, autocommit=True) as conn:
                 start.wait()
                 applied.append(pg_schema.migrate(conn, "test"))
         except BaseException as exc:  # reported below
@@ -56,12 +56,12 @@ def test_hosts_starting_at_once_apply_each_migration_once(dsn: str) -> None:
         t.join(60)
     assert errors == []
     assert sorted(applied, key=len) == [[]] * 7 + [[v for v, _ in pg_schema.MIGRATIONS]]
-    with psycopg.connect(dsn) as conn:
+    with psycopg.connect(dsn, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM whisperd_schema").fetchone() == (len(pg_schema.MIGRATIONS),)
 
 
 def test_a_schema_newer_than_this_release_is_refused_and_left_alone(dsn: str) -> None:
-    with psycopg.connect(dsn) as conn:
+    with psycopg.connect(dsn, autocommit=True) as conn:
         pg_schema.migrate(conn, "test")
         conn.execute(
             "INSERT INTO whisperd_schema (version, release) VALUES (%s, 'future')", (pg_schema.LATEST + 1,)
@@ -75,7 +75,7 @@ def test_a_schema_newer_than_this_release_is_refused_and_left_alone(dsn: str) ->
 
 def test_a_job_row_keeps_its_fencing_token_and_lease(dsn: str) -> None:
     """The columns the shared queue's claims rely on exist with their defaults."""
-    with psycopg.connect(dsn) as conn:
+    with psycopg.connect(dsn, autocommit=True) as conn:
         pg_schema.migrate(conn, "test")
         conn.execute("INSERT INTO hosts VALUES ('a', 0, 0, 'test')")
         row = conn.execute(
