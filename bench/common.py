@@ -1,9 +1,15 @@
-"""Helpers the benches share: how much of a shared machine's CPU other processes took during a measurement."""
+"""Helpers the benches share: how much of a shared machine's CPU other processes took during a measurement,
+and the end of a run that started its own daemon."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import sys
 from pathlib import Path
+
+from tests.support.daemon import DaemonProcess
 
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
@@ -39,3 +45,15 @@ class OthersShare:
         busy_s = machine_busy_s() - self._busy_s
         own_s = self._own() - self._own_s + children_cpu_s
         return max(0.0, busy_s - own_s) / ((os.cpu_count() or 1) * wall_s)
+
+
+def finish_run(daemon: DaemonProcess | None, base: Path, keep: bool) -> None:
+    """Stop the run's daemon if it still runs, remove its socket dir, and the run's folder unless kept."""
+    if daemon is not None and daemon.proc is not None and daemon.proc.poll() is None:
+        daemon.stop(signal.SIGTERM, timeout_s=600)
+    if daemon is not None:
+        shutil.rmtree(daemon.socket.parent, ignore_errors=True)
+    if keep:
+        print(f"kept {base} (the daemon's log: {base}/state/whisperd.log)", file=sys.stderr)
+    else:
+        shutil.rmtree(base, ignore_errors=True)

@@ -46,6 +46,7 @@ import msgspec
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import finish_run  # noqa: E402
 from tests.support.audio import have_tools, speak  # noqa: E402
 from tests.support.daemon import DaemonProcess, scrape, to_toml  # noqa: E402
 from whisperctl.client import Client, Unreachable  # noqa: E402
@@ -515,14 +516,7 @@ def run(
             "raw": raw,
         }
     finally:
-        if daemon is not None and daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.stop(signal.SIGTERM, timeout_s=600)
-        if daemon is not None:
-            shutil.rmtree(daemon.socket.parent, ignore_errors=True)
-        if keep:
-            print(f"kept {base} (the daemon's log: {base}/state/whisperd.log)", file=sys.stderr)
-        else:
-            shutil.rmtree(base, ignore_errors=True)
+        finish_run(daemon, base, keep)
 
 
 def table(report: dict[str, Any]) -> str:

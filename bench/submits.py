@@ -19,8 +19,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +31,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import finish_run  # noqa: E402
 from tests.support.audio import SENTENCES, have_tools, speak  # noqa: E402
 from tests.support.daemon import DaemonProcess  # noqa: E402
 from whisperctl.client import Client  # noqa: E402
@@ -203,14 +202,7 @@ def run(
             "figures": figures,
         }
     finally:
-        if daemon is not None and daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.stop(signal.SIGTERM, timeout_s=600)
-        if daemon is not None:
-            shutil.rmtree(daemon.socket.parent, ignore_errors=True)
-        if keep:
-            print(f"kept {base}", file=sys.stderr)
-        else:
-            shutil.rmtree(base, ignore_errors=True)
+        finish_run(daemon, base, keep)
 
 
 def table(report: dict[str, Any]) -> str:

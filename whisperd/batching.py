@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import msgspec
+
 from whisperd import workerproto as wp
 from whisperd.protocol import Segment, Transcript
 from whisperd.sharing import split_span, split_windows
@@ -50,13 +52,12 @@ def cut_windows(speech: Sequence[Span], duration_s: float, max_window_s: float =
     return windows
 
 
-class AudioInfo(Protocol):
-    @property
-    def language(self) -> str: ...
-    @property
-    def language_probability(self) -> float: ...
-    @property
-    def duration_s(self) -> float: ...
+class AudioInfo(msgspec.Struct, frozen=True):
+    """What decoding learnt of a job's audio: its language (the spec's, or detected) and its length."""
+
+    language: str
+    language_probability: float
+    duration_s: float
 
 
 @runtime_checkable
@@ -99,15 +100,6 @@ class WindowDecoder(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class Found:
-    """What find_windows learnt of a job's audio."""
-
-    language: str
-    language_probability: float
-    duration_s: float
-
-
 @dataclass(eq=False)
 class Prepared:
     """One job of the batch, decoded and cut, as its windows are decoded."""
@@ -138,7 +130,7 @@ def find_windows(
     spec: wp.JobSpec,
     share_request: Callable[[int], wp.ShareJob | None],
     report: Reporter,
-) -> tuple[list[Span], Found, Span]:
+) -> tuple[list[Span], AudioInfo, Span]:
     """The job's windows, its language and length, and the time range it decodes (its part's, or the whole
     audio). Speech is looked for VAD_PIECE_S at a time (the VAD's memory stays flat); between two pieces a
     request to share the job splits what is left by time (`split_span`), so the helpers look for speech in
@@ -147,12 +139,12 @@ def find_windows(
     part = spec.part
     start_s, end_s = (part.start_s, min(part.end_s, duration_s)) if part is not None else (0.0, duration_s)
     if part is not None and part.windows is not None:  # cut already, by the worker that shared it
-        return list(part.windows), Found(spec.language or "en", 1.0, duration_s), (start_s, end_s)
+        return list(part.windows), AudioInfo(spec.language or "en", 1.0, duration_s), (start_s, end_s)
     if part is None and spec.shard_min_audio_s > 0 and duration_s >= 2 * spec.shard_min_audio_s:
         report.progress(spec, 0.0, duration_s)  # its length: the daemon may ask to share it now
     language, probability = decoder.language(model, audio, spec)
     if end_s - start_s <= decoder.max_window_s:  # one window: nothing to cut
-        return [(start_s, end_s)], Found(language, probability, duration_s), (start_s, end_s)
+        return [(start_s, end_s)], AudioInfo(language, probability, duration_s), (start_s, end_s)
     regions: list[Span] = []
     at_s = start_s
     while at_s < end_s:
@@ -170,7 +162,7 @@ def find_windows(
             given = [wp.JobPart(start_s=a, end_s=b) for a, b in itertools.pairwise(bounds[1:])]
             report.shared(spec, language, wp.JobPart(start_s=start_s, end_s=end_s), given)
     windows = cut_windows(regions, end_s, decoder.max_window_s)
-    return windows, Found(language, probability, duration_s), (start_s, end_s)
+    return windows, AudioInfo(language, probability, duration_s), (start_s, end_s)
 
 
 def decode_together(

@@ -21,9 +21,10 @@ from whisperd.gpupool import CPU, DevicePool
 from whisperd.gpuprobe import GpuProbe
 from whisperd.jobs import JobEvent, JobState
 from whisperd.registry import JobRegistry
-from whisperd.scheduling import Placement, PlanSettings, plan
+from whisperd.scheduling import Placement, plan
 from whisperd.settings import job_spec, plan_settings, retry_policy
 from whisperd.spreads import PartPlacement, Running, Spreads, place_parts, share_requests
+from whisperd.store import JobRow
 from whisperd.telemetry import Telemetry
 from whisperd.workerspecs import worker_specs
 
@@ -192,7 +193,7 @@ class Daemon:
             batch_due = min(lane.jobs[0].queued_at for lane in waiting.lanes) + settings.batch_timeout_s
             if settings.min_batch_size > 1 and batch_due > now:  # past due: a free worker wakes us
                 next_due = min(next_due, batch_due)
-        self._share_with_idle(settings)
+        self._share_with_idle()
         return max(0.0, next_due - now)
 
     def _settle_spreads(self) -> None:
@@ -204,7 +205,7 @@ class Daemon:
                     self._fleet.cancel_everywhere(job_id)
                 self._spreads.forget(job_id)
 
-    def _share_with_idle(self, settings: PlanSettings) -> None:
+    def _share_with_idle(self) -> None:
         """Workers still idle after the plan (nothing queued they can take) help the running jobs with the
         most audio left (see spreads.py)."""
         min_part_s = self.config.transcribe.shard_min_audio_s
@@ -214,12 +215,12 @@ class Daemon:
         if not idle or min_part_s <= 0:
             return
         running: list[Running] = []
-        durations: dict[int, float] = {}
+        jobs: dict[int, JobRow] = {}
         for job_id in self._spreads.shareable():
             job = self._registry.find_live(job_id)
             if job is None or job.state is not JobState.PROCESSING or not job.audio_duration_s:
                 continue
-            durations[job_id] = job.audio_duration_s
+            jobs[job_id] = job
             spread = self._spreads.get(job_id)
             workers = [job.worker or ""]
             if spread is not None:
@@ -232,9 +233,8 @@ class Daemon:
                     running.append(part)
         for request in share_requests(running, idle, min_part_s):
             if self._fleet.share(request.worker_id, request.job_id, request.helpers, min_part_s):
-                job = self._registry.find_live(request.job_id)
-                device = job.device if job is not None and job.device else CPU
-                self._spreads.asked(request, durations[request.job_id], device)
+                job = jobs[request.job_id]
+                self._spreads.asked(request, job.audio_duration_s or 0.0, job.device or CPU)
 
     def _dispatch_part(self, placement: PartPlacement) -> None:
         spread = self._spreads.get(placement.job_id)

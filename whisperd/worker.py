@@ -24,18 +24,12 @@ import msgspec
 from whisperd import sandbox
 from whisperd import workerproto as wp
 from whisperd.audiodecode import AudioRefused
-from whisperd.batching import Prepared, Span, WindowDecoder, decode_together, find_windows
+from whisperd.batching import AudioInfo, Prepared, WindowDecoder, decode_together, find_windows
 from whisperd.protocol import Segment, Transcript, Word
 from whisperd.workeraudio import AudioInbox, AudioSource, PathAudio
 
 log = logging.getLogger("whisperd.worker")
 _PR_SET_PDEATHSIG = 1
-
-
-class AudioInfo(msgspec.Struct, frozen=True):
-    language: str
-    language_probability: float
-    duration_s: float
 
 
 class Transcriber(Protocol):
@@ -144,7 +138,9 @@ class Worker:
                 continue
             model, audio = ready
             try:
-                windows, info, span = self._windows(decoder, model, audio, spec)
+                windows, info, span = find_windows(
+                    decoder, model, audio, spec, self._take_share_request, _JobReports(self)
+                )
             except Exception as exc:
                 _JobReports(self).failed(spec, exc)
                 continue
@@ -158,15 +154,6 @@ class Worker:
         for spec in batch.jobs:
             self._cancelled.discard(spec.job_id)
             self._share_requests.pop(spec.job_id, None)  # it ended before it could be shared
-
-    def _windows(
-        self, decoder: WindowDecoder, model: Any, audio: Any, spec: wp.JobSpec
-    ) -> tuple[list[Span], AudioInfo, Span]:
-        """The job's windows, its language and length, and the time range it decodes (batching.py)."""
-        windows, found, span = find_windows(
-            decoder, model, audio, spec, self._take_share_request, _JobReports(self)
-        )
-        return windows, AudioInfo(found.language, found.language_probability, found.duration_s), span
 
     def _take_share_request(self, job_id: int) -> wp.ShareJob | None:
         return self._share_requests.pop(job_id, None)

@@ -10,10 +10,10 @@ from typing import Any, BinaryIO
 from whisperd import audiodecode
 from whisperd import workerproto as wp
 from whisperd.audiodecode import SAMPLE_RATE
-from whisperd.batching import MAX_WINDOW_S, Span
+from whisperd.batching import MAX_WINDOW_S, AudioInfo, Span
 from whisperd.config import AUDIO_FORMATS, BUNDLED_MODEL
 from whisperd.protocol import Segment, Word
-from whisperd.worker import AudioInfo, WorkerArgs, run_worker
+from whisperd.worker import WorkerArgs, run_worker
 
 
 class FasterWhisper:

@@ -28,8 +28,9 @@ import pytest
 
 from whisperd import workerproto as wp
 from whisperd.audiodecode import AudioRefused
+from whisperd.batching import AudioInfo
 from whisperd.protocol import Segment, Word
-from whisperd.worker import AudioInfo, Worker
+from whisperd.worker import Worker
 from whisperd.workeraudio import AudioInbox
 
 T = TypeVar("T")

@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from whisperd import workerproto as wp
+from whisperd.batching import AudioInfo
 from whisperd.protocol import Segment, Word
-from whisperd.worker import AudioInfo, run_worker
+from whisperd.worker import run_worker
 
 
 class ScriptedTranscriber:
