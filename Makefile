@@ -58,6 +58,7 @@ bench: venv system-deps
 	$(PY) bench/scale.py --jobs $(SCALE_JOBS)
 	$(PY) bench/cli_start.py
 	$(PY) bench/submits.py
+	$(PY) bench/fleet.py
 
 # make install [PREFIX=/usr/local] [DESTDIR=staging] [PYTHON=python3] [PIP_FLAGS=...]: the package and its
 # dependencies for PYTHON, the systemd units (ExecStart under PREFIX), sysusers.d, tmpfiles.d and etc/.

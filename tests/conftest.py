@@ -66,17 +66,21 @@ def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return clips
 
 
-@pytest.fixture(scope="session")
-def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    """One daemon with two CPU workers for the end-to-end cases that leave it healthy."""
-    daemon = DaemonProcess(
-        tmp_path_factory.mktemp("shared-daemon"),
-        {
-            "daemon": {"socket_mode": 0o666},
-            "scheduler": {"retry_backoff_s": 0.2},
-            "workers": {"cpu_workers": 2},
-        },
-    ).start()
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def shared_daemon(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[DaemonProcess]:
+    """One daemon with two CPU workers for the end-to-end cases that leave it healthy: on the embedded
+    store, and again as one host of a shared PostgreSQL store (every case must pass on both)."""
+    config: dict[str, dict[str, object]] = {
+        "daemon": {"socket_mode": 0o666},
+        "scheduler": {"retry_backoff_s": 0.2},
+        "workers": {"cpu_workers": 2},
+    }
+    if request.param == "postgresql":
+        cluster: Cluster = request.getfixturevalue("postgres")
+        config["store"] = {"url": cluster.create_database("shared_daemon"), "host_id": "e2e"}
+    daemon = DaemonProcess(tmp_path_factory.mktemp(f"shared-daemon-{request.param}"), config).start()
     yield daemon
     daemon.stop()
 

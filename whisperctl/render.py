@@ -149,6 +149,16 @@ def _gib(n: int) -> str:
     return f"{n / _GIB:.1f}"
 
 
+def _hosted(header: list[str], rows: list[list[str]], hosts: Sequence[str | None], before: str) -> str:
+    """The table, with a HOST column before `before` when any row has a host (a shared store: several
+    hosts, one queue); a daemon with a store of its own sends none, and its tables stay as they were."""
+    if any(host is not None for host in hosts):
+        at = header.index(before)
+        header = [*header[:at], "HOST", *header[at:]]
+        rows = [[*row[:at], host or "-", *row[at:]] for row, host in zip(rows, hosts, strict=True)]
+    return _table(header, rows)
+
+
 def jobs_table(jobs: list[JobView], now: float) -> str:
     rows = [
         [
@@ -162,7 +172,8 @@ def jobs_table(jobs: list[JobView], now: float) -> str:
         ]
         for job in jobs
     ]
-    return _table(["ID", "STATE", "PROGRESS", "MODEL", "DEVICE", "AGE", "FILE"], rows)
+    header = ["ID", "STATE", "PROGRESS", "MODEL", "DEVICE", "AGE", "FILE"]
+    return _hosted(header, rows, [job.host for job in jobs], before="DEVICE")
 
 
 def devices_table(devices: list[DeviceView]) -> str:
@@ -184,7 +195,7 @@ def devices_table(devices: list[DeviceView]) -> str:
             ]
         )
     header = ["DEVICE", "HEALTHY", "UTIL", "MEM USED/TOTAL", "AVAILABLE", "RESERVED", "TEMP", "POWER"]
-    return _table([*header, "WORKERS", "BATCHES"], rows)
+    return _hosted([*header, "WORKERS", "BATCHES"], rows, [d.host for d in devices], before="DEVICE")
 
 
 def _size(n: int) -> str:
@@ -232,14 +243,17 @@ def stats_text(stats: StatsView, user_name: Callable[[int], str | None] = lambda
         ]
         for w in stats.workers
     ]
-    workers = _table(["WORKER", "DEVICE", "PID", "STATE", "MODELS", "JOBS", "RESTARTS"], rows)
+    header = ["WORKER", "DEVICE", "PID", "STATE", "MODELS", "JOBS", "RESTARTS"]
+    workers = _hosted(header, rows, [w.host for w in stats.workers], before="DEVICE")
     users = "\n" + users_table(stats, user_name) if stats.users else ""  # none from an older daemon
     return "\n".join(summary) + "\n\n" + workers + users
 
 
 def job_event_line(job: JobView) -> str:
-    where = job.worker or job.device or "-"
-    line = f"job {job.id} {job.state} {_progress(job.progress)} {where} {_basename(job.filename)}"
+    where = job.worker or job.device
+    if job.host is not None:  # a shared store: the host running it (worker names repeat across hosts)
+        where = f"{where}@{job.host}" if where else job.host
+    line = f"job {job.id} {job.state} {_progress(job.progress)} {where or '-'} {_basename(job.filename)}"
     return printable(f"{line}: {job.error}" if job.error else line)
 
 

@@ -18,13 +18,15 @@ from whisperd.durability import Checkpoints, GroupCommit
 from whisperd.errors import StorageError
 from whisperd.estimates import MemoryEstimates, baseline_from_config
 from whisperd.fleet import Fleet
+from whisperd.fleetlink import FleetLink, HostSnapshot, SharedStore
 from whisperd.gpupool import DevicePool
 from whisperd.gpuprobe import GpuProbe
 from whisperd.handlers import Handlers
 from whisperd.jobs import JobEvent, JobState
-from whisperd.metrics import SystemCollector, gpu_collectors
+from whisperd.metrics import FleetCollector, SystemCollector, gpu_collectors
 from whisperd.monitors import Monitors
 from whisperd.outcomes import WorkerOutcomes
+from whisperd.pg_audio import AudioCache
 from whisperd.registry import JobRegistry
 from whisperd.retention import Pruner, Retention
 from whisperd.settings import retry_policy, worker_limits
@@ -51,8 +53,12 @@ class App:
         config_loader: Callable[[], Config] | None = None,
         cpu_count: int | None = None,
         pruner: Pruner | None = None,
+        shared: SharedStore | None = None,
+        audio_cache: AudioCache | None = None,
     ) -> None:
-        """pruner: deletes finished jobs past [retention] in the background (None: nothing is deleted)."""
+        """pruner: deletes finished jobs past [retention] in the background (None: nothing is deleted).
+        shared: the store again when many hosts share it (config [store] url), with audio_cache, where other
+        hosts' audio is fetched to."""
         self.store = store
         self.wakeup = asyncio.Event()
         wake = self.wakeup.set
@@ -73,7 +79,9 @@ class App:
         self.registry = JobRegistry(
             store, spool, clock, retry_policy(config),
             publish=lambda view: self.watchers.publish(p.JobEventReply(job=view)),
-            on_transition=committed, discard=self.durability.discard_when_durable,
+            on_transition=committed, discard=self.durability.discard_when_durable, shared=shared,
+            host_id=config.store.host_id if shared is not None else None,
+            forget_audio=audio_cache.discard if audio_cache is not None else None,
         )  # fmt: skip
         self.estimates = MemoryEstimates(baseline_from_config(config), clock)
         # Blocking calls off the loop, each kind in threads of its own: a read that never returns (a hung
@@ -89,11 +97,24 @@ class App:
             w.cancel_grace_s, w.restart_backoff_s, w.restart_backoff_max_s,
             limits=lambda: worker_limits(self.daemon.config),
         )  # fmt: skip
-        self.views = Views(self.registry, self.fleet, self.pool, self.telemetry, clock)
+        self.link: FleetLink | None = None
+        if shared is not None:
+            assert audio_cache is not None, "a shared store needs a cache for other hosts' audio"
+            self.link = FleetLink(
+                shared, self.registry, lambda: HostSnapshot(workers=self.views.workers(),
+                                                            devices=self.views.devices()),
+                wake, audio_cache, DaemonThreadPool(2, "fleet"), config.store.heartbeat_interval_s,
+                config.store.lease_s,
+            )  # fmt: skip
+        self.views = Views(
+            self.registry, self.fleet, self.pool, self.telemetry, clock,
+            others=self.link.others if self.link is not None else None,
+            host_id=self.link.host_id if self.link is not None else None,
+        )  # fmt: skip
         self.daemon = Daemon(
             config, self.registry, self.fleet, self.pool, probe, self.estimates, self.telemetry,
             self.wakeup, clock, cpu_count or os.cpu_count() or 1, config_loader, nvml=self.nvml,
-            spreads=self.spreads,
+            spreads=self.spreads, link=self.link,
         )  # fmt: skip
         self.handlers = Handlers(
             self.registry, spool, self.fleet, self.views, config=lambda: self.daemon.config,
@@ -106,6 +127,8 @@ class App:
         self.system_metrics.register(
             SystemCollector(self.registry, self.views, self.telemetry, clock, lambda: self.daemon.draining)
         )
+        if self.link is not None:  # the fleet's series, with a shared store only
+            self.system_metrics.register(FleetCollector(self.link, config.store.lease_s))
         self.retention = (
             Retention(pruner, lambda: self.daemon.config.retention, self.registry.forget_finished, clock)
             if pruner is not None
@@ -115,13 +138,16 @@ class App:
 
     def snapshot(self) -> list[p.Reply]:
         """What a new watcher is sent first."""
-        return [p.DeviceSnapshot(devices=self.views.devices()), p.SystemSnapshot(stats=self.views.stats())]
+        devices = self.views.fleet_devices()
+        return [p.DeviceSnapshot(devices=devices), p.SystemSnapshot(stats=self.views.stats())]
 
     async def run(self) -> None:
         """The loop and the monitors, until a stop signal."""
         sched = self.daemon.config.scheduler
         monitors = self.monitors.start(sched.gpu_monitor_interval_s, sched.performance_monitor_interval_s)
         monitors.append(asyncio.create_task(self.checkpoints.run()))
+        if self.link is not None:
+            monitors.append(asyncio.create_task(self.link.run()))
         if self.retention is not None:
             monitors.append(asyncio.create_task(self.retention.run()))
         try:

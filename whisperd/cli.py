@@ -12,14 +12,18 @@ from pathlib import Path
 from whisperd import __version__, systemd
 from whisperd.app import App
 from whisperd.config import load_config
-from whisperd.errors import WhisperdError
+from whisperd.errors import ConfigError, WhisperdError
 from whisperd.gpuprobe import NvmlProbe
 from whisperd.metrics_http import metrics_server
+from whisperd.pg_audio import AudioCache
+from whisperd.pg_retention import PgPruner
+from whisperd.pg_store import PgStore
 from whisperd.retention import SqlitePruner
 from whisperd.server import ControlServer, bind_socket
 from whisperd.spool import Spool
 from whisperd.sqlite_store import SqliteStore
 from whisperd.statedir import StateDirLock, prepare_socket_dir, prepare_state_dir
+from whisperd.store import Store
 from whisperd.views import Views
 
 log = logging.getLogger("whisperd")
@@ -45,6 +49,20 @@ def setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def read_password(path: str) -> str | None:
+    """The job database's password from store.password_file (never a command line), which only the daemon's
+    user may read; None without one (libpq's PGPASSWORD, ~/.pgpass, or no password)."""
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            if os.fstat(f.fileno()).st_mode & 0o077:
+                raise ConfigError(f"store.password_file {path} is readable by others: chmod 600 it")
+            return f.readline().rstrip("\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot read store.password_file {path}: {exc.strerror}") from exc
 
 
 def status_line(views: Views) -> str:
@@ -75,11 +93,30 @@ async def serve(config_path: Path | None, log_level: str | None) -> int:
     prepare_state_dir(state_dir)
     lock = StateDirLock(state_dir)
     lock.acquire()  # before the database and the socket: a second daemon must touch neither
-    store = SqliteStore(state_dir / "jobs.sqlite3", busy_timeout_s=config.storage.busy_timeout_s)
-    app = App(
-        config, store, Spool(state_dir / "spool"), NvmlProbe(exclude=frozenset(config.gpu.exclude)),
-        config_loader=lambda: load_config(config_path), pruner=SqlitePruner(store.path),
-    )  # fmt: skip
+    store: Store
+    if config.store.shared:
+        c = config.store
+        shared = PgStore(
+            c.url, c.host_id, lease_s=c.lease_s, release=__version__, password=read_password(c.password_file),
+            connect_timeout_s=c.connect_timeout_s, statement_timeout_s=c.statement_timeout_s,
+            reconnect_backoff_s=c.reconnect_backoff_s, reconnect_backoff_max_s=c.reconnect_backoff_max_s,
+        )  # fmt: skip
+        notifier.status("connecting to the job database")
+        await asyncio.to_thread(shared.open)  # schema migrated under an advisory lock, host registered
+        store = shared
+        cache = AudioCache(state_dir / "audio-cache", config.store.audio_cache_bytes)
+        app = App(
+            config, store, Spool(state_dir / "spool"), NvmlProbe(exclude=frozenset(config.gpu.exclude)),
+            config_loader=lambda: load_config(config_path), pruner=PgPruner(shared.connect), shared=shared,
+            audio_cache=cache,
+        )  # fmt: skip
+    else:
+        sqlite = SqliteStore(state_dir / "jobs.sqlite3", busy_timeout_s=config.storage.busy_timeout_s)
+        store = sqlite
+        app = App(
+            config, store, Spool(state_dir / "spool"), NvmlProbe(exclude=frozenset(config.gpu.exclude)),
+            config_loader=lambda: load_config(config_path), pruner=SqlitePruner(sqlite.path),
+        )  # fmt: skip
     app.daemon.install_signal_handlers()
     metrics = metrics_server(
         {"/metrics": app.system_metrics, "/metrics/gpu": app.gpu_metrics}, config.metrics

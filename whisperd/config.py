@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -154,6 +155,32 @@ class StorageConfig(_Section):
     busy_timeout_s: Positive = 0.1
 
 
+class StoreConfig(_Section):
+    """Where the jobs live. Empty url: the embedded SQLite database in the state dir (one host). A PostgreSQL
+    url ("postgresql://user@db.example/whisperd", or libpq's "host=... dbname=..."): one queue shared by
+    every host configured with it (see docs/fleet.md). WHISPERD_STORE_URL overrides it."""
+
+    url: str = ""
+    # The database password, never on a command line: read from this file (one line, mode 0600), else
+    # libpq's own PGPASSWORD or ~/.pgpass. A password written into url is refused.
+    password_file: str = ""
+    host_id: str = ""  # this host's name in the fleet; empty: the machine's hostname
+    # A host's claim on a job lasts this long past its last heartbeat; then any other host requeues the job.
+    lease_s: Positive = 30.0
+    heartbeat_interval_s: Positive = 5.0  # also how often the fleet's figures (counts, hosts) are read
+    connect_timeout_s: Positive = 5.0
+    # Longest a statement may run (a call on the loop waits for it); longer: the database is unreachable.
+    statement_timeout_s: Positive = 5.0
+    reconnect_backoff_s: Positive = 0.5  # after a failure, this long before the next connection (doubling)
+    reconnect_backoff_max_s: Positive = 30.0
+    # Other hosts' audio fetched to run their jobs here, kept in the state dir up to this size.
+    audio_cache_bytes: PositiveInt = 4 * GIB
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.url)
+
+
 class RetentionConfig(_Section):
     # Finished jobs (COMPLETED, FAILED, CANCELLED), their transcripts and history are deleted once older
     # than max_age_s or beyond the newest max_finished_jobs; 0 turns either bound off. Live jobs never.
@@ -171,12 +198,15 @@ class Config(_Section):
     transcribe: TranscribeConfig = msgspec.field(default_factory=TranscribeConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     # Model name users pass with --model -> faster-whisper model name or a local CTranslate2 directory.
     models: dict[str, str] = msgspec.field(default_factory=lambda: {"tiny.en": BUNDLED_MODEL})
 
     def __post_init__(self) -> None:
         if self.scheduler.min_batch_size > self.scheduler.max_batch_size:
             raise msgspec.ValidationError("scheduler.min_batch_size must not exceed max_batch_size")
+        if self.store.heartbeat_interval_s * 2 > self.store.lease_s:
+            raise msgspec.ValidationError("store.lease_s must be at least twice store.heartbeat_interval_s")
         if self.transcribe.default_model not in self.models:
             raise msgspec.ValidationError(
                 f"transcribe.default_model {self.transcribe.default_model!r} is not a key of [models]"
@@ -235,13 +265,34 @@ def load_config(path: Path | None) -> Config:
     config.daemon.socket_path = str(resolve_socket_path(config.daemon.socket_path))
     config.daemon.state_dir = str(resolve_state_dir(config.daemon.state_dir))
     config.metrics.listen = os.environ.get("WHISPERD_METRICS_ADDR") or config.metrics.listen
+    config.store.url = os.environ.get("WHISPERD_STORE_URL") or config.store.url
+    if config.store.shared:
+        check_store_url(config.store.url)
+        config.store.host_id = config.store.host_id or socket.gethostname()
     return config
+
+
+def check_store_url(url: str) -> None:
+    """A PostgreSQL url or libpq conninfo without a password: one on a command line or in a world-readable
+    config would leak; it belongs in store.password_file, PGPASSWORD or ~/.pgpass."""
+    from psycopg import ProgrammingError  # here: only a shared store needs psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(url)
+    except ProgrammingError as exc:  # the text is not a conninfo at all
+        raise ConfigError(f"store.url is not a PostgreSQL url or conninfo: {exc}") from exc
+    if params.get("password"):
+        raise ConfigError(
+            "store.url must not hold the password: put it in store.password_file, PGPASSWORD or ~/.pgpass"
+        )
 
 
 # What SIGHUP cannot change in a running daemon: where it listens and keeps state, which processes it
 # runs, and the monitor loops' periods. Everything else takes effect at the next scheduling round.
 RESTART_ONLY = (
     "daemon.socket_path",
+    "store",
     "daemon.state_dir",
     "daemon.socket_mode",
     "daemon.max_request_bytes",

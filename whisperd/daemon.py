@@ -7,19 +7,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 
 from whisperd import workerproto as wp
+from whisperd.batch import Batch
 from whisperd.config import Config, plan_reload
 from whisperd.errors import StorageError, WhisperdError
 from whisperd.estimates import MemoryEstimates, baseline_from_config
 from whisperd.fleet import Fleet
+from whisperd.fleetlink import FleetLink
 from whisperd.gpupool import CPU, DevicePool
 from whisperd.gpuprobe import GpuProbe
 from whisperd.jobs import JobEvent, JobState
+from whisperd.pg_audio import AudioMissing
 from whisperd.registry import JobRegistry
 from whisperd.scheduling import Placement, plan
 from whisperd.settings import job_spec, plan_settings, retry_policy
@@ -29,6 +33,9 @@ from whisperd.telemetry import Telemetry
 from whisperd.workerspecs import worker_specs
 
 log = logging.getLogger("whisperd")
+# After a claim lost to other hosts, the next round comes this soon, not a whole interval later (not at
+# once: a row another host is taking right now stays locked for a moment).
+RECLAIM_DELAY_S = 0.02
 
 
 class Daemon:
@@ -47,9 +54,13 @@ class Daemon:
         config_loader: Callable[[], Config] | None = None,
         nvml: Executor | None = None,
         spreads: Spreads | None = None,
+        link: FleetLink | None = None,
     ) -> None:
         """nvml: the thread NVML is called on, the monitors' too (None: the loop's default pool). spreads:
-        the jobs spread over several workers, shared with the outcomes."""
+        the jobs spread over several workers, shared with the outcomes. link: with a shared store, the
+        other hosts (fleetlink.py): their jobs' audio is fetched before a batch holding them is sent."""
+        self._link = link
+        self._staging: set[asyncio.Task[None]] = set()
         self.config = config  # replaced as a whole on reload; others read it through this attribute
         self._registry, self._fleet, self._pool, self._probe = registry, fleet, pool, probe
         self._estimates, self._telemetry = estimates, telemetry
@@ -171,6 +182,8 @@ class Daemon:
         now = self._clock()
         next_due = now + self.config.scheduler.schedule_interval_s
         store_ok = self._registry.retry_deferred()  # first: a refused requeue must land before a dispatch
+        for job_id in self._registry.take_lost():  # another host took it over or ended it: stop it here
+            self._fleet.cancel_everywhere(job_id)
         for due in (self._registry.release_due_retries(now), self._fleet.enforce_cancel_deadlines()):
             if due is not None:
                 next_due = min(next_due, due)
@@ -189,7 +202,8 @@ class Daemon:
         waiting = self._registry.waiting(take, self.config.models)
         if waiting.lanes:
             for placement in plan(waiting, slots, self._pool.device_status(), now, settings):
-                self._dispatch(placement)
+                if not self._dispatch(placement):  # other hosts took those jobs first: plan again soon
+                    next_due = min(next_due, now + RECLAIM_DELAY_S)
             batch_due = min(lane.jobs[0].queued_at for lane in waiting.lanes) + settings.batch_timeout_s
             if settings.min_batch_size > 1 and batch_due > now:  # past due: a free worker wakes us
                 next_due = min(next_due, batch_due)
@@ -252,25 +266,78 @@ class Daemon:
         part.worker, part.device = placement.worker_id, placement.device
         self._fleet.dispatch(placement.worker_id, [spec], placement.reserve_bytes)
 
-    def _dispatch(self, placement: Placement) -> None:
+    def _dispatch(self, placement: Placement) -> bool:
+        """Dispatch the placement's jobs; False when others took some of them first (a shared store)."""
         log.debug("placing jobs %s on %s: %s", placement.job_ids, placement.worker_id, placement.reason)
-        jobs = [self._registry.get(job_id) for job_id in placement.job_ids]
-        # One commit for the batch; refused, it raises with every job still PENDING and nothing sent.
-        self._registry.apply_many(
-            jobs, JobEvent.DISPATCH, device=placement.device, worker=placement.worker_id
-        )
+        jobs = self._registry.queued(placement.job_ids)
+        # One commit for the batch; refused, it raises with every job still PENDING and nothing sent. With
+        # a shared store, jobs another host claimed first are left out (none at all: the worker stays idle).
+        jobs = self._registry.dispatch(jobs, device=placement.device, worker=placement.worker_id)
+        complete = len(jobs) == len(placement.job_ids)
+        if not jobs:
+            return complete
         specs = [job_spec(j, self.config, chunk_batch=placement.chunk_batch) for j in jobs]
         for spec in specs:
             if spec.mode == "batched":
                 spec.shard_min_audio_s = self.config.transcribe.shard_min_audio_s
                 self._spreads.dispatched(spec.job_id, spec.model)
-        self._fleet.dispatch(placement.worker_id, specs, placement.reserve_bytes)
+        link = self._link
+        remote = [j.id for j in jobs if link is not None and not self._audio_here(j, link.host_id)]
+        if link is None or not remote:
+            self._fleet.dispatch(placement.worker_id, specs, placement.reserve_bytes)
+            return complete
+        for spec in specs:  # accepted by another host: its audio comes from the database into the cache
+            if spec.job_id in remote:
+                spec.audio_path = str(link.audio.where(spec.job_id))
+        batch = self._fleet.dispatch(placement.worker_id, specs, placement.reserve_bytes, send=False)
+        task = asyncio.create_task(self._fetch_then_send(link, placement.worker_id, batch, specs, remote))
+        self._staging.add(task)
+        task.add_done_callback(self._staging.discard)
+        return complete
+
+    @staticmethod
+    def _audio_here(job: JobRow, host_id: str) -> bool:
+        """The job's audio is in this host's spool: it accepted the job and still has the file (a submit
+        whose reply failed after its commit discarded its copies; the database has them)."""
+        path = job.spool_path
+        return job.submit_host in (None, host_id) and path is not None and os.path.exists(path)
+
+    async def _fetch_then_send(
+        self, link: FleetLink, worker_id: str, batch: Batch, specs: list[wp.JobSpec], remote: list[int]
+    ) -> None:
+        """Send a batch once the audio of its other hosts' jobs is here. If it cannot be fetched, the jobs go
+        back to the queue (the database unreachable: nothing counted against them) or fail (their audio is
+        gone from it), and the worker is idle again."""
+        try:
+            await link.fetch(remote)
+        except (StorageError, OSError) as exc:  # OSError: the local cache (a full disk, its permissions)
+            missing = isinstance(exc, AudioMissing)
+            reason = exc.message if isinstance(exc, StorageError) else str(exc)
+            log.warning("cannot fetch the audio of jobs %s: %s", remote, reason)
+            for job_id in batch.job_ids:
+                job = self._registry.find_live(job_id)
+                if job is not None and job.state is JobState.PROCESSING and job.worker == worker_id:
+                    if missing and job_id in remote:
+                        self._registry.apply_or_defer(job, JobEvent.FAIL_FATAL, error=reason)
+                    else:
+                        self._registry.apply_or_defer(job, JobEvent.REQUEUE)
+            self._fleet.unstage(worker_id, batch)
+            return
+        live = [s for s in specs if (job := self._registry.find_live(s.job_id)) and job.worker == worker_id]
+        if not live or not self._fleet.send_staged(worker_id, batch, live):
+            self._fleet.unstage(worker_id, batch)
 
     async def drain(self, timeout_s: float) -> None:
         """Dispatch nothing more; let running batches finish within timeout_s; what is left stays queued
         (a job still PROCESSING goes back to the queue at the next start)."""
         self.draining = True
         await self._fleet.stop(timeout_s)
+        if self._link is not None:  # another host may run them now rather than after this one's lease
+            unfinished = [j for j in self._registry.held() if j.state is JobState.PROCESSING]
+            try:
+                self._registry.apply_many(unfinished, JobEvent.REQUEUE)
+            except StorageError as exc:  # their leases expire and another host requeues them
+                log.warning("could not hand back %d unfinished jobs: %s", len(unfinished), exc.message)
         if self._tidying is not None:  # its thread reads the store, which closes after the drain
             await self._tidying
         if not self._registry.retry_deferred():  # those jobs are still PROCESSING in the store: run again

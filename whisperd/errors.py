@@ -88,6 +88,24 @@ class StorageBusy(StorageError):
     code = "storage_busy"
 
 
+class StorageUnavailable(StorageError):
+    """The shared job database cannot be reached (down, cut off, too slow): nothing was changed; whisperd
+    reconnects with backoff, and a retry once it is back works."""
+
+    code = "storage_unavailable"
+
+
+class Superseded(StorageError):
+    """Another host changed these jobs since this one read them (it took over a lease that expired, or a
+    cancel from another host came first): this host's change is refused, and its copy of them is stale."""
+
+    code = "conflict"
+
+    def __init__(self, message: str, job_ids: frozenset[int]) -> None:
+        super().__init__(message)
+        self.job_ids = job_ids
+
+
 class NotReady(WhisperdError):
     """The job exists but has no result yet (or never will)."""
 

@@ -147,17 +147,41 @@ class Fleet:
     def device_of(self, worker_id: str) -> str:
         return self._handles[worker_id].spec.device
 
-    def dispatch(self, worker_id: str, jobs: Sequence[wp.JobSpec], reserve_bytes: int) -> Batch:
+    def dispatch(
+        self, worker_id: str, jobs: Sequence[wp.JobSpec], reserve_bytes: int, send: bool = True
+    ) -> Batch:
+        """The batch is the worker's from now on (it is busy, its memory reserved); send=False: its audio is
+        still on its way (another host's job), send_staged() sends it once it is here."""
         handle = self._handles[worker_id]
         together = all(j.mode == "batched" for j in jobs)
         batch = Batch(self._next_batch_id, [j.job_id for j in jobs], self._clock(), together=together)
         self._next_batch_id += 1
         self._pool.reserve(batch.id, handle.spec.device, reserve_bytes)
         self._batches[worker_id] = batch
+        if send:
+            self._send(handle, batch, jobs)
+        return batch
+
+    def send_staged(self, worker_id: str, batch: Batch, jobs: Sequence[wp.JobSpec]) -> bool:
+        """Send a batch dispatched with send=False; False if the worker no longer holds it (it died, or its
+        jobs were cancelled meanwhile)."""
+        handle = self._handles.get(worker_id)
+        if handle is None or self._batches.get(worker_id) is not batch:
+            return False
+        self._send(handle, batch, [j for j in jobs if batch.holds(j.job_id)])
+        return True
+
+    def unstage(self, worker_id: str, batch: Batch) -> None:
+        """Give up a batch dispatched with send=False before it was sent: the worker is idle again."""
+        if self._batches.get(worker_id) is batch:
+            self._end_batch(worker_id)
+            self._wake()
+
+    @staticmethod
+    def _send(handle: WorkerHandle, batch: Batch, jobs: Sequence[wp.JobSpec]) -> None:
         for job in jobs:  # the audio goes first, as descriptors: the worker cannot open the spool
             handle.send_audio(batch.id, job.job_id, job.audio_path)
         handle.send(wp.RunBatch(batch_id=batch.id, jobs=list(jobs)))
-        return batch
 
     def cancel(self, worker_id: str, job_id: int) -> None:
         """Tell the worker to stop the job. Only the job it is on gets a deadline, after which the worker is

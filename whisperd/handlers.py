@@ -132,7 +132,8 @@ class Handlers:
                 spooled = [path for path, _size in copies.values()]
             paths = [copies[i][0] for i in range(len(request.files))]
             sizes = {i: copies[i][1] for i in range(len(request.files))}
-            # No await from here to the commit, so what others submitted meanwhile is counted.
+            # No await from here to the commit, so what others submitted meanwhile is counted (with a shared
+            # store the insert itself is awaited, and the limits are the fleet's as of its last heartbeat).
             if self._registry.waiting_count() + len(request.files) > limit:  # others submitted meanwhile
                 raise QueueFull(f"the queue is at its limit of {limit} jobs; try again later")
             self._check_user_limits(caller, config, len(request.files), sum(sizes.values()))
@@ -144,7 +145,7 @@ class Handlers:
                 )
                 for i, (path, f) in enumerate(zip(paths, request.files, strict=True))
             ]  # fmt: skip
-            records = self._registry.add(new_jobs)
+            records = await self._registry.submit(new_jobs)
         except BaseException:
             for path in spooled:
                 self._spool.discard(path)
@@ -305,7 +306,7 @@ class Handlers:
         return p.ResultReply(job=job.view(), transcript=transcript)
 
     async def gpu(self, request: p.Gpu, caller: Caller, fds: list[int]) -> p.Reply:
-        return p.Devices(devices=self._views.devices())
+        return p.Devices(devices=self._views.fleet_devices())
 
     async def stats(self, request: p.Stats, caller: Caller, fds: list[int]) -> p.Reply:
         return p.StatsReply(stats=self._views.stats())

@@ -28,7 +28,9 @@ class UserFigures(msgspec.Struct, kw_only=True):
 
 
 class Ledger:
-    def __init__(self) -> None:
+    def __init__(self, keep_lanes: bool = True) -> None:
+        """keep_lanes: False with a shared store, whose queue other hosts take from: it is read, not kept."""
+        self._keep_lanes = keep_lanes
         # Each lane maps its PENDING jobs' ids to when they were queued, in that order (a dict keeps it): O(1)
         # to append, to remove any job and to read the head, and about 100 bytes a job, so a million fit.
         self._lanes: dict[LaneKey, dict[int, float]] = {}
@@ -55,6 +57,13 @@ class Ledger:
                     lane = lanes[key] = {}
                 lane[job_id] = queued_at
 
+    def reload_totals(self, totals: Iterable[UserTotal]) -> None:
+        """A shared store's fleet-wide figures, read afresh: each user's waiting and running jobs and spooled
+        bytes replaced; what this host counted since its start (finished jobs, audio, turns) kept."""
+        for user in self._users.values():
+            user.waiting_jobs = user.running_jobs = user.spool_bytes = 0
+        self.load(totals, ())
+
     def moved(self, job: JobRow, old: JobState | None, event: JobEvent | None) -> None:
         """After a committed change of state (old None: a new job, entering its state)."""
         user = self._users.setdefault(job.owner_uid, UserFigures())
@@ -71,7 +80,7 @@ class Ledger:
         elif old is JobState.PROCESSING:
             user.running_jobs -= 1
         new = job.state
-        if new is JobState.PENDING:  # to the tail: FIFO within the lane
+        if new is JobState.PENDING and self._keep_lanes:  # to the tail: FIFO within the lane
             self._lanes.setdefault((job.priority, job.owner_uid, job.model), {})[job.id] = job.queued_at
         if new in (JobState.PENDING, JobState.RETRYING):
             user.waiting_jobs += 1

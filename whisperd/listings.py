@@ -18,14 +18,19 @@ _KEPT_VIEWS = MAX_STATUS_LIMIT  # about 10 MB: the newest jobs a listing may ask
 
 
 class Listings:
-    def __init__(self, store: Store, live: Mapping[int, JobRow]) -> None:
-        """live: the registry's running and retrying jobs (read, never written, here)."""
+    def __init__(self, store: Store, live: Mapping[int, JobRow], keep: bool = True) -> None:
+        """live: the registry's running and retrying jobs (read, never written, here). keep: False with a
+        store other hosts write too, whose changes reach this one by notifications that a lost connection
+        may miss: every job not held here is then read from the store."""
         self._store = store
         self._live = live
+        self._keep = keep
         self._kept: dict[int, JobView] = {}  # least recently changed or read first
 
     def remember(self, view: JobView) -> None:
         """A job's view as it is now, after each change the registry committed (or a read of the store)."""
+        if not self._keep:
+            return
         self._kept.pop(view.id, None)
         self._kept[view.id] = view
         if len(self._kept) > _KEPT_VIEWS:
@@ -56,7 +61,7 @@ class Listings:
         for i in ids:
             if (job := self._live.get(i)) is not None:
                 found[i] = job.view()
-            elif (view := self._kept.get(i)) is not None and usable(view):
+            elif self._keep and (view := self._kept.get(i)) is not None and usable(view):
                 found[i] = view
             else:
                 stored.append(i)

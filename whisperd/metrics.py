@@ -1,13 +1,18 @@
 """Prometheus metrics on two sets of collectors, for the two scrape cadences: GPU figures (`/metrics/gpu`,
 every 5 s) and queue and system figures (`/metrics`, every 30 s). Gauges here are read at scrape time from
 the parts that own them, in constant time however long the queue; counters and histograms are fed as things
-happen, through telemetry.Telemetry alone. No job id appears in any label."""
+happen, through telemetry.Telemetry alone. No job id appears in any label.
+
+With a shared store (several hosts, one queue) the queue's series (whisperd_jobs, the oldest waiting job)
+are the fleet's, the same on every host: Prometheus rules take their max without(instance); the workers',
+devices' and counters' series are this host's own and add up (docs/fleet.md)."""
 
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
@@ -102,6 +107,54 @@ class SystemCollector(Collector):
         for device, count in restarts_by_device.items():
             restarts.add_metric([device], count)
         yield from (in_flight, workers, restarts)
+
+
+class HostBeat(Protocol):
+    """A host of the fleet as a heartbeat read it (pg_store.HostRow)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def heartbeat_age_s(self) -> float: ...  # on the database's clock
+
+
+class FleetHealth(Protocol):
+    """What the fleet's series read of this host's link to the shared store (fleetlink.FleetLink)."""
+
+    @property
+    def hosts(self) -> Sequence[HostBeat]: ...  # every host in the store, as the last heartbeat read them
+
+    @property
+    def reachable(self) -> bool: ...  # the last heartbeat reached the database
+
+
+class FleetCollector(Collector):
+    """With a shared store (several hosts, one queue): every host's heartbeat and this host's reach of the
+    database. Every host exports the same ages (one row each in the store): alerts take the max by host."""
+
+    def __init__(self, link: FleetHealth, lease_s: float) -> None:
+        self._link = link
+        self._lease_s = lease_s
+
+    def collect(self) -> Iterator[Metric]:
+        hosts = self._link.hosts
+        ages = GaugeMetricFamily(
+            "whisperd_fleet_host_heartbeat_age_seconds",
+            "Seconds since each host's last heartbeat, on the database's clock, as this host last read them",
+            labels=["host"],
+        )
+        for host in hosts:
+            ages.add_metric([host.id], host.heartbeat_age_s)
+        yield ages
+        yield GaugeMetricFamily(
+            "whisperd_fleet_hosts", "Hosts whose last heartbeat is within the lease (store.lease_s)",
+            value=sum(1 for host in hosts if host.heartbeat_age_s <= self._lease_s),
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "whisperd_store_reachable", "1 while this host's last heartbeat reached the shared database",
+            value=int(self._link.reachable),
+        )  # fmt: skip
 
 
 class GpuCollector(Collector):

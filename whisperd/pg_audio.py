@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -64,16 +65,24 @@ class AudioCache:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def path(self, conn: Any, job_id: int) -> Path:
-        """The job's audio as a local file, fetched if it is not here yet (written aside, then renamed: a
-        fetch cut off never leaves a partial file under the job's name)."""
-        target = self.folder / str(job_id)
+        """The job's audio as a local file, fetched on this connection if it is not here yet."""
+        return self.fill(job_id, lambda out: fetch(conn, job_id, out))
+
+    def where(self, job_id: int) -> Path:
+        """Where the job's audio is (or will be, once filled)."""
+        return self.folder / str(job_id)
+
+    def fill(self, job_id: int, fetch_into: Callable[[BinaryIO], int]) -> Path:
+        """The job's audio as a local file, fetched by fetch_into(file) if it is not here yet (written
+        aside, then renamed: a fetch cut off never leaves a partial file under the job's name). Blocking."""
+        target = self.where(job_id)
         if target.exists():
             os.utime(target)  # recently used: kept over older ones
             return target
         fd, partial = tempfile.mkstemp(dir=self.folder, prefix=".fetch-")
         try:
             with os.fdopen(fd, "wb") as out:
-                fetch(conn, job_id, out)
+                fetch_into(out)
             os.replace(partial, target)
         except BaseException:
             Path(partial).unlink(missing_ok=True)
@@ -86,11 +95,17 @@ class AudioCache:
 
     def trim(self, keep: Path | None = None) -> int:
         """Remove the least recently used files until the cache is within max_bytes; returns how many."""
-        files = [p for p in self.folder.iterdir() if not p.name.startswith(".") and p != keep]
-        stats = {p: p.stat() for p in files}
+        stats: dict[Path, os.stat_result] = {}
+        for path in self.folder.iterdir():
+            if path.name.startswith(".") or path == keep:
+                continue
+            try:
+                stats[path] = path.stat()
+            except FileNotFoundError:  # gone since the listing: discarded, or trimmed by another fetch
+                continue
         used = sum(s.st_size for s in stats.values()) + (keep.stat().st_size if keep else 0)
         removed = 0
-        for path in sorted(files, key=lambda p: stats[p].st_mtime):
+        for path in sorted(stats, key=lambda p: stats[p].st_mtime):
             if used <= self.max_bytes:
                 break
             path.unlink(missing_ok=True)

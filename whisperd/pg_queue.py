@@ -17,8 +17,12 @@ from typing import Any
 
 import msgspec
 
-_NOW = "extract(epoch from clock_timestamp())"  # the database's clock: hosts' clocks may disagree
-NOTIFY_CHANNEL = "whisperd_jobs"
+from whisperd import pg_jobs
+from whisperd.jobs import JobState
+from whisperd.store import UserTotal
+
+_NOW = pg_jobs.DB_NOW  # the database's clock: hosts' clocks may disagree
+NOTIFY_CHANNEL = pg_jobs.JOBS_CHANNEL
 
 
 class Waiting(msgspec.Struct, frozen=True, kw_only=True):
@@ -27,6 +31,20 @@ class Waiting(msgspec.Struct, frozen=True, kw_only=True):
     owner_uid: int
     model: str
     queued_at: float
+
+
+class HostRow(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    heartbeat_age_s: float  # on the database's clock
+    started_at: float
+    release: str
+    snapshot: bytes | None  # what the host's last heartbeat stored (msgspec JSON), None before its first
+
+
+class FleetFigures(msgspec.Struct, frozen=True, kw_only=True):
+    counts: dict[JobState, int]  # every job in the database by state (like count_by_state)
+    user_totals: list[UserTotal]  # like user_totals(), fleet-wide
+    hosts: list[HostRow]
 
 
 class Claim(msgspec.Struct, frozen=True, kw_only=True):
@@ -74,29 +92,77 @@ def claim(
 
 def heartbeat(conn: Any, host: str, lease_s: float) -> int:
     """The host is alive: its heartbeat now, its jobs' leases extended; returns how many it holds."""
+    return len(extend_leases(conn, host, lease_s, None))
+
+
+def extend_leases(conn: Any, host: str, lease_s: float, snapshot: bytes | None) -> set[int]:
+    """The host's heartbeat now (with its latest figures, if given) and the leases of the jobs it holds
+    (PROCESSING, RETRYING) extended; returns their ids: a job the host runs that is not among them was
+    taken from it (requeued by another host after its lease expired, or cancelled). A row being written by
+    another host right now is skipped, never waited for: the next heartbeat extends it."""
     with conn.transaction():
-        conn.execute(f"UPDATE hosts SET heartbeat_at = {_NOW} WHERE id = %s", (host,))
+        conn.execute(
+            f"UPDATE hosts SET heartbeat_at = {_NOW}, snapshot = coalesce(%s, snapshot) WHERE id = %s",
+            (snapshot, host),
+        )
         held = conn.execute(
-            f"UPDATE jobs SET lease_expires_at = {_NOW} + %s WHERE host = %s AND state = 'PROCESSING'",
+            "SELECT id FROM jobs WHERE host = %s AND state IN ('PROCESSING', 'RETRYING')", (host,)
+        ).fetchall()
+        conn.execute(
+            f"UPDATE jobs SET lease_expires_at = {_NOW} + %s WHERE id IN (SELECT id FROM jobs WHERE host = %s"
+            " AND state IN ('PROCESSING', 'RETRYING') ORDER BY id FOR UPDATE SKIP LOCKED)",
             (lease_s, host),
         )
-        return int(held.rowcount)
+    return {r[0] for r in held}
 
 
-def requeue_expired(conn: Any, host: str) -> list[int]:
-    """Jobs whose lease expired (their host stopped or was cut off) go back to the queue, nothing counted
-    against them; `host` is the one doing it, for the history. Returns their ids."""
+def requeue_expired(conn: Any, host: str, lease_s: float = 0.0, now: float | None = None) -> list[int]:
+    """Jobs whose lease expired (their host stopped or was cut off) go back to the queue, PROCESSING or
+    RETRYING alike, nothing counted against them; `host` is the one doing it, for the history; `now` the
+    time its rows carry (its clock; None: the database's). Returns their ids.
+
+    Not within lease_s of the database server's own start: leases that expired while it was down (or
+    failing over) are every host's, and each gets one lease to reconnect and heartbeat before any is
+    taken from it."""
+    which = (
+        f"lease_expires_at < {_NOW} AND extract(epoch from pg_postmaster_start_time()) + %(grace)s <= {_NOW}"
+    )
+    return _requeue(conn, host, which, {"grace": lease_s, "now": now}, "lease_expired", now)
+
+
+def requeue_strays(conn: Any, host: str, job_ids: Sequence[int], now: float | None = None) -> list[int]:
+    """Jobs the database says this host holds but the host does not (a claim that committed while its
+    acknowledgement was lost): back to the queue at once, nothing counted against them."""
+    which = "id = ANY(%(ids)s) AND host = %(host)s"
+    return _requeue(conn, host, which, {"ids": list(job_ids), "host": host, "now": now}, "requeue", now)
+
+
+def _requeue(
+    conn: Any, host: str, which: str, args: dict[str, Any], event: str, now: float | None
+) -> list[int]:
+    at = _NOW if now is None else "%(now)s"
     with conn.transaction():
         rows = conn.execute(
-            "UPDATE jobs SET state = 'PENDING', host = NULL, worker = NULL, device = NULL, "
-            f"lease_expires_at = NULL, progress = 0, queued_at = {_NOW}, updated_at = {_NOW} "
-            "WHERE id IN (SELECT id FROM jobs WHERE state = 'PROCESSING' "
-            f"AND lease_expires_at < {_NOW} FOR UPDATE SKIP LOCKED) RETURNING id, attempt"
+            f"WITH expired AS (SELECT id, state, worker FROM jobs WHERE {which} "
+            "AND state IN ('PROCESSING', 'RETRYING') "
+            "ORDER BY id FOR UPDATE SKIP LOCKED) "
+            "UPDATE jobs AS j SET state = 'PENDING', host = NULL, worker = NULL, device = NULL, "
+            f"lease_expires_at = NULL, progress = 0, not_before = NULL, queued_at = {at}, updated_at = {at} "
+            f"FROM expired AS e WHERE j.id = e.id RETURNING e.state, e.worker, "
+            f"{', '.join('j.' + c for c in pg_jobs.ROW_COLUMNS)}",
+            args,
         ).fetchall()
-        _events(conn, [(r[0], r[1]) for r in rows], "PROCESSING", "PENDING", "lease_expired", host, None)
-        if rows:
-            conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
-    return sorted(r[0] for r in rows)
+        jobs = [pg_jobs.job_row(r[2:]) for r in rows]
+        conn.cursor().executemany(
+            "INSERT INTO job_events (job_id, at, from_state, to_state, event, host, worker, attempt) "
+            "VALUES (%s, %s, %s, 'PENDING', %s, %s, %s, %s)",
+            [
+                (j.id, j.updated_at, r[0], event, host, r[1], j.attempt)
+                for r, j in zip(rows, jobs, strict=True)
+            ],
+        )
+        pg_jobs.notify(conn, host, [j.view() for j in jobs], wake=bool(jobs))
+    return sorted(j.id for j in jobs)
 
 
 def complete(conn: Any, job: Claim, host: str, transcript: bytes, audio_duration_s: float) -> bool:
@@ -124,3 +190,17 @@ def _events(
             f"VALUES (%s, {_NOW}, %s, %s, %s, %s, %s, %s)",
             [(job_id, old, new, event, host, worker, attempt) for job_id, attempt in jobs],
         )
+
+
+def figures(conn: Any) -> FleetFigures:
+    """The whole fleet's jobs by state, its users' live jobs and every host's latest heartbeat."""
+    with conn.transaction():
+        counts = {JobState(s): n for s, n in conn.execute("SELECT state, count(*) FROM jobs GROUP BY state")}
+        totals = pg_jobs.user_totals(conn)
+        hosts = [
+            HostRow(id=i, heartbeat_age_s=age, started_at=started, release=release, snapshot=snapshot)
+            for i, age, started, release, snapshot in conn.execute(
+                f"SELECT id, {_NOW} - heartbeat_at, started_at, release, snapshot FROM hosts ORDER BY id"
+            )
+        ]
+    return FleetFigures(counts=counts, user_totals=totals, hosts=hosts)

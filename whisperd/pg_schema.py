@@ -85,6 +85,32 @@ CREATE TABLE job_events (
 CREATE INDEX job_events_job ON job_events (job_id);
 """,
     ),
+    (
+        2,
+        """
+-- What the store (pg_store.py) keeps beside v1: a job row as the embedded store has it (a double progress,
+-- uids past 2^31, the submitting host's spool file and its size), each host's latest figures, the users'
+-- fair-share turns, and indexes that make each read cost what it returns.
+ALTER TABLE hosts ADD COLUMN snapshot bytea;
+ALTER TABLE jobs ALTER COLUMN progress TYPE double precision;
+ALTER TABLE jobs ALTER COLUMN owner_uid TYPE bigint;
+ALTER TABLE jobs ADD COLUMN spool_path text, ADD COLUMN spool_bytes bigint;
+-- RETRYING jobs hold a lease too: only leased rows have an expiry.
+DROP INDEX jobs_leases;
+CREATE INDEX jobs_leases ON jobs (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
+-- ids by state in order: the newest jobs of one state, and the counts, from the index alone
+DROP INDEX jobs_state;
+CREATE INDEX jobs_state ON jobs (state, id);
+CREATE INDEX jobs_held ON jobs (host, state) WHERE host IS NOT NULL;
+-- the plan's lanes: distinct (priority, owner, model) by a loose index scan, each lane oldest first
+CREATE INDEX jobs_lanes ON jobs (priority, owner_uid, model, queued_at, id) WHERE state = 'PENDING';
+CREATE SEQUENCE user_turn_seq;
+CREATE TABLE user_turns (
+    owner_uid bigint PRIMARY KEY,
+    last_served bigint NOT NULL
+);
+""",
+    ),
 )
 LATEST = MIGRATIONS[-1][0]
 

@@ -15,7 +15,7 @@ import msgspec
 from whisperd.errors import BadRequest, ProtocolError, RequestTooLarge, UnknownOp
 from whisperd.jobs import JobState
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 Task = Literal["transcribe", "translate"]
 
 # ---- request bounds (docs/protocol.md, "limits"): what one request may ask for, so that no request costs
@@ -72,7 +72,7 @@ class Transcript(msgspec.Struct, forbid_unknown_fields=False):
     segments: list[Segment]
 
 
-class JobView(msgspec.Struct, kw_only=True):
+class JobView(msgspec.Struct, kw_only=True, omit_defaults=True):  # host only where there is one
     id: int
     state: JobState
     progress: float  # 0..100
@@ -92,9 +92,10 @@ class JobView(msgspec.Struct, kw_only=True):
     updated_at: float
     started_at: float | None
     finished_at: float | None
+    host: str | None = None  # the host running it, with a shared store (several hosts, one queue)
 
 
-class DeviceView(msgspec.Struct, kw_only=True):
+class DeviceView(msgspec.Struct, kw_only=True, omit_defaults=True):
     name: str  # "cpu" or "cuda:N"
     index: int | None
     uuid: str | None
@@ -109,9 +110,10 @@ class DeviceView(msgspec.Struct, kw_only=True):
     power_w: float | None
     workers: int
     running_batches: int
+    host: str | None = None  # with a shared store: the host it belongs to
 
 
-class WorkerView(msgspec.Struct, kw_only=True):
+class WorkerView(msgspec.Struct, kw_only=True, omit_defaults=True):
     id: str
     device: str
     pid: int | None
@@ -119,6 +121,7 @@ class WorkerView(msgspec.Struct, kw_only=True):
     models: list[str]
     jobs: list[int]
     restarts: int
+    host: str | None = None  # with a shared store: the host it runs on
 
 
 class UserStatsView(msgspec.Struct, kw_only=True):

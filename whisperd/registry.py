@@ -3,21 +3,23 @@ timestamped, logged, counted and published to watchers. The only writer of job s
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Container, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
 
-from whisperd.errors import NotFound, StorageError
+from whisperd.errors import NotFound, StorageError, Superseded
 from whisperd.jobs import JobEvent, JobState, retry_delay_s, transition
 from whisperd.ledger import Ledger, UserFigures, spool_size
 from whisperd.listings import Listings
 from whisperd.protocol import JobView, Transcript, printable
 from whisperd.scheduling import Lane, QueuedJob, Waiting
 from whisperd.spool import Spool
-from whisperd.store import JobRow, NewJob, Store
+from whisperd.store import JobRow, NewJob, SharedQueue, Store, UserTotal
 
 log = logging.getLogger("whisperd.jobs")
 
@@ -61,10 +63,20 @@ class JobRegistry:
         publish: Publish,
         on_transition: TransitionHook,
         discard: Callable[[str | None], None] | None = None,
+        shared: SharedQueue | None = None,
+        host_id: str | None = None,
+        forget_audio: Callable[[int], None] | None = None,
     ) -> None:
         """publish: every change a watcher should see; on_transition: each committed transition; discard: a
-        finished job's audio, once its last commit is durable (None: at once, spool.discard)."""
+        finished job's audio, once its last commit is durable (None: at once, spool.discard). shared: the
+        store again when many hosts share it (several hosts, one queue), whose queue, counts and users'
+        books change under this daemon's feet: they are read from it, not kept; host_id: this host's name;
+        forget_audio: the local copy of another host's job's audio, once the job ended."""
+        self._forget_audio = forget_audio
         self._store = store
+        self._queue = shared
+        self._shared = shared is not None
+        self.host_id = host_id
         self._spool = spool
         self._discard = discard or spool.discard
         self._clock = clock
@@ -75,14 +87,18 @@ class JobRegistry:
         # whole. PENDING jobs live in the store; the ledger's lanes keep a few scalars of each for the plan,
         # so a queue of a million costs about 100 bytes a job here, and a dispatch reads its rows.
         self._live: dict[int, JobRow] = {}
-        self._listings = Listings(store, self._live)
+        self._listings = Listings(store, self._live, keep=shared is None)
         self._counts: Counter[JobState] = Counter()  # kept as jobs move, so reading it costs nothing
         self._retrying: dict[int, JobRow] = {}  # so a round reads the few in backoff, not every live job
         self._avoid_devices: dict[int, frozenset[str]] = {}  # live job -> devices it ran out of memory on
         self._alone: set[int] = set()  # live jobs to dispatch in a batch of their own (suspects of a crash)
         self._deferred: dict[int, _Deferred] = {}  # live job -> its transition the store refused, in order
         self._store_failing = False  # to log a failing store once, and its recovery once
-        self._ledger = Ledger()  # per-user figures and the lanes of PENDING jobs the scheduler reads
+        self._ledger = Ledger(keep_lanes=not self._shared)  # per-user figures; the lanes the plan reads
+        # With a shared store: the queue as last read (its oldest head, its models), and the jobs this host
+        # held that another host took over or ended (the loop stops their workers: take_lost()).
+        self._queue_heads: tuple[float | None, frozenset[str]] = (None, frozenset())
+        self._lost: set[int] = set()
 
     # ---- start-up ------------------------------------------------------------------------------------
 
@@ -90,7 +106,8 @@ class JobRegistry:
         """Load the live jobs; a job that was PROCESSING when the daemon stopped goes back to the queue.
         Reads the PENDING ones as lane entries only (one index-only scan), the others whole."""
         self._counts = Counter(self._store.count_by_state())
-        self._ledger.load(self._store.user_totals(), self._store.queue())
+        # A shared queue is read at each round (lanes()), never kept: other hosts take from it too.
+        self._ledger.load(self._store.user_totals(), () if self._shared else self._store.queue())
         interrupted = []
         for job in self._store.jobs_in((JobState.PROCESSING, JobState.RETRYING)):
             self._live[job.id] = job
@@ -142,6 +159,14 @@ class JobRegistry:
             raise NotFound(f"no job {job_id}")
         return job
 
+    def queued(self, job_ids: Sequence[int]) -> list[JobRow]:
+        """The rows of these jobs that are still PENDING, in that order (a dispatch's; read afresh, as get()).
+        With a shared store, one another host took meanwhile is left out rather than raising."""
+        if not self._shared:
+            return [self.get(job_id) for job_id in job_ids]
+        found = {j.id: j for j in self._store.select(job_ids, JobState.PENDING, len(job_ids))}
+        return [found[job_id] for job_id in job_ids if job_id in found]
+
     def transcript(self, job_id: int) -> Transcript | None:
         return self._store.transcript(job_id)
 
@@ -156,13 +181,15 @@ class JobRegistry:
         """When the job that has waited longest was queued or began its backoff (None when nothing waits);
         costs the number of lanes and of jobs in backoff, not the length of the queue."""
         heads = [j.updated_at for j in self._retrying.values()]
-        if (pending := self._ledger.oldest_pending_since()) is not None:
+        pending = self._queue_heads[0] if self._shared else self._ledger.oldest_pending_since()
+        if pending is not None:
             heads.append(pending)
         return min(heads, default=None)
 
     def models_in_use(self) -> set[str]:
         """Models of the live jobs: a model still queued or running stays served."""
-        return self._ledger.pending_models() | {j.model for j in self._live.values()}
+        queued = self._queue_heads[1] if self._shared else self._ledger.pending_models()
+        return set(queued) | {j.model for j in self._live.values()}
 
     def waiting_count(self) -> int:
         """Jobs waiting for a worker (PENDING or RETRYING): what the queue limit bounds."""
@@ -180,29 +207,49 @@ class JobRegistry:
 
     def waiting(self, take: int, models: Container[str]) -> Waiting:
         """What the plan sees of the PENDING jobs of the models served: lanes by (priority, owner, model),
-        each with its length and first `take` jobs, and when each user was last served (the turns)."""
+        each with its length and first `take` jobs, and when each user was last served (the turns). With a
+        shared store, the fleet's queue and turns as the store has them now."""
+        if self._shared:
+            assert self._queue is not None
+            lanes_now, last_served = self._queue.lanes(take)
+            heads = [first[0][1] for _key, _count, first in lanes_now if first]
+            self._queue_heads = (min(heads, default=None), frozenset(key[2] for key, _c, _f in lanes_now))
+        else:
+            lanes_now, last_served = list(self._ledger.lanes(take)), self._ledger.last_served()
         lanes = tuple(
             Lane(priority=priority, owner_uid=uid, model=model, count=count, jobs=tuple(
                 QueuedJob(id=job_id, model=model, priority=priority, queued_at=queued_at, owner_uid=uid,
                           avoid_devices=self.avoided_devices(job_id), alone=job_id in self._alone)
                 for job_id, queued_at in first
             ))
-            for (priority, uid, model), count, first in self._ledger.lanes(take)
+            for (priority, uid, model), count, first in lanes_now
             if model in models
         )  # fmt: skip
-        return Waiting(lanes=lanes, last_served=self._ledger.last_served())
+        return Waiting(lanes=lanes, last_served=last_served)
 
     # ---- writes --------------------------------------------------------------------------------------
 
+    async def submit(self, new_jobs: Sequence[NewJob]) -> list[JobRow]:
+        """add(), with a shared store's insert (the audio copied into the database with the jobs) in a
+        thread: it is network I/O."""
+        if not self._shared:
+            return self.add(new_jobs)
+        records = await asyncio.to_thread(self._store.insert_jobs, new_jobs, self._clock())
+        self._added(records)
+        return records
+
     def add(self, new_jobs: Sequence[NewJob]) -> list[JobRow]:
         records = self._store.insert_jobs(new_jobs, self._clock())
+        self._added(records)
+        return records
+
+    def _added(self, records: Sequence[JobRow]) -> None:
         for job in records:
             self._counts[job.state] += 1
             self._ledger.moved(job, None, None)
             log.info("job %d PENDING: %s (model %s)", job.id, printable(job.filename), job.model,
                      extra={"JOB_ID": job.id, "JOB_STATE": job.state.value, "MODEL": job.model})  # fmt: skip
             self._publish(job.view())
-        return records
 
     def run_alone(self, job_id: int) -> None:
         """Dispatch the job in a batch of its own from now on: its worker died while it was decoded
@@ -248,6 +295,25 @@ class JobRegistry:
             raise
         self._commit(steps)
 
+    def dispatch(self, jobs: Sequence[JobRow], **changes: Any) -> list[JobRow]:
+        """The DISPATCH of these PENDING jobs, in one commit; returns those this daemon got. All of them with
+        a store only it writes; with a shared one, those no other host took first (the others were claimed
+        elsewhere meanwhile: they stay as they were here, and are not this host's to run)."""
+        steps: list[_Step] = []
+        try:
+            for job in jobs:
+                if job.state is JobState.PENDING:  # read from a shared store: another host may hold it now
+                    steps.append(self._prepare(job, JobEvent.DISPATCH, None, changes))
+            won = set(self._store.claim([(s.job, s.old, s.event, s.transcript) for s in steps]))
+        except BaseException:
+            self._undo(steps)
+            raise
+        self._undo([s for s in steps if s.job.id not in won])
+        for step in steps:
+            if step.job.id in won:
+                self._committed(step)
+        return [s.job for s in steps if s.job.id in won]
+
     def apply_or_defer(
         self, job: JobRow, event: JobEvent, transcript: Transcript | None = None, **changes: Any
     ) -> bool:
@@ -261,6 +327,8 @@ class JobRegistry:
             try:
                 self.apply(job, event, transcript, **changes)
                 return True
+            except Superseded:  # another host took the job over meanwhile: this outcome is void
+                return False
             except StorageError as exc:
                 self.note_store_error(exc)
         self._deferred[job.id] = _Deferred(job.state, event, transcript, dict(changes))
@@ -280,6 +348,8 @@ class JobRegistry:
                     continue
                 steps.append(self._prepare(job, deferred.event, deferred.transcript, deferred.changes))
             self._commit(steps)
+        except Superseded:  # those jobs are forgotten here now: the others are committed at the next round
+            return False
         except StorageError as exc:
             self.note_store_error(exc)
             return False
@@ -299,6 +369,8 @@ class JobRegistry:
 
     def note_store_error(self, exc: StorageError) -> None:
         """The store refused a commit; what it refused is retried at later rounds. Logged once a spell."""
+        if isinstance(exc, Superseded):  # not a failure: another host's change came first (see _commit)
+            return
         if not self._store_failing:
             self._store_failing = True
             log.error("the job store refuses commits (%s): job changes wait in memory and are retried every "
@@ -323,8 +395,10 @@ class JobRegistry:
             setattr(job, name, value)
         if new is JobState.PROCESSING:
             job.started_at, job.progress, job.error = now, 0.0, None
+            if self._shared:  # the new attempt's fencing token (the embedded store keeps neither)
+                job.attempt, job.host = job.attempt + 1, self.host_id
         elif new is JobState.PENDING:
-            job.queued_at, job.device, job.worker = now, None, None
+            job.queued_at, job.device, job.worker, job.host = now, None, None, None
             job.progress, job.not_before = 0.0, None
         elif new is JobState.RETRYING:
             job.not_before = now + retry_delay_s(retries, policy.backoff_s, policy.backoff_max_s)
@@ -351,11 +425,70 @@ class JobRegistry:
                 self._store.save_transition(steps[0].job, steps[0].old, steps[0].event, steps[0].transcript)
             else:
                 self._store.save_transitions([(s.job, s.old, s.event, s.transcript) for s in steps])
+        except Superseded as exc:
+            self._undo(steps)
+            self._superseded(steps, exc.job_ids)
+            raise
         except BaseException:
             self._undo(steps)
             raise
         for step in steps:
             self._committed(step)
+
+    def _superseded(self, steps: Sequence[_Step], job_ids: frozenset[int]) -> None:
+        """A shared store refused these jobs' changes: another host changed them since (took over a lease
+        that expired while this one was cut off, or cancelled them). A result among them is a late one:
+        recorded as refused. Those held here are no longer this host's."""
+        for step in steps:
+            if step.job.id in job_ids and step.event is JobEvent.COMPLETE:
+                log.warning("job %d: the result of attempt %d comes too late: another host holds the job now",
+                            step.job.id, step.job.attempt, extra={"JOB_ID": step.job.id})  # fmt: skip
+                with contextlib.suppress(StorageError):
+                    assert self._queue is not None  # Superseded comes from a shared store only
+                    self._queue.note_stale_result(step.job.id, step.job.attempt, step.job.worker)
+        self.release(job_ids)
+
+    def release(self, job_ids: Iterable[int]) -> list[int]:
+        """Forget jobs held here that a shared store says are no longer this host's (taken over after their
+        lease expired, cancelled from another host): no commit, the store has their truth. Their workers
+        are stopped by the loop (take_lost). Returns those that were held."""
+        released = []
+        for job_id in job_ids:
+            job = self._live.pop(job_id, None)
+            if job is None:
+                continue
+            self._retrying.pop(job_id, None)
+            self._deferred.pop(job_id, None)
+            self._avoid_devices.pop(job_id, None)
+            self._alone.discard(job_id)
+            self._counts[job.state] -= 1  # until the next refresh reads the store's counts
+            self._lost.add(job_id)
+            released.append(job_id)
+            log.warning("job %d is no longer this host's (another host took it over or cancelled it)",
+                        job_id, extra={"JOB_ID": job_id})  # fmt: skip
+        return released
+
+    def take_lost(self) -> set[int]:
+        """The jobs released since the last call, whose workers the loop stops."""
+        lost, self._lost = self._lost, set()
+        return lost
+
+    def held_ids(self) -> set[int]:
+        return set(self._live)
+
+    def refresh(self, counts: Mapping[JobState, int], totals: Iterable[UserTotal]) -> None:
+        """A shared store's fleet-wide figures, read by the heartbeat: counts by state and users' books."""
+        self._counts = Counter(counts)
+        self._ledger.reload_totals(totals)
+
+    def remote_change(self, view: JobView) -> bool:
+        """Another host changed a job (a shared store's notification): shown to watchers; a job held here
+        that it moved elsewhere is released (True: its workers must stop)."""
+        self._publish(view)
+        held = self._live.get(view.id)
+        if held is not None and (view.state.terminal or view.host != self.host_id):
+            return bool(self.release([view.id]))
+        return False
 
     def _committed(self, step: _Step) -> None:
         job, old, event, spool = step.job, step.old, step.event, step.spool
@@ -373,7 +506,10 @@ class JobRegistry:
         else:  # back in the queue (the store and the lanes have it) or finished
             self._live.pop(job.id, None)
         if new.terminal:
-            self._discard(spool)  # only once the commit no longer needs it
+            if job.submit_host in (None, self.host_id):  # another host's spool is that host's to clean
+                self._discard(spool)  # only once the commit no longer needs it
+            elif self._forget_audio is not None:
+                self._forget_audio(job.id)
             self._avoid_devices.pop(job.id, None)
             self._alone.discard(job.id)
         self._log_transition(job, old, new, event)

@@ -197,6 +197,8 @@ def keep_reserve(reserve: Path, size_bytes: int = RESERVE_BYTES) -> bool:
 
 
 class SqliteStore:
+    shared = False  # only this daemon writes it: its queue changes only through the registry
+
     def __init__(self, path: Path, busy_timeout_s: float = 0.1) -> None:
         """busy_timeout_s: how long a write waits for another process's write lock before it fails with
         StorageBusy; short, since the daemon's loop waits with it."""
@@ -307,6 +309,11 @@ class SqliteStore:
                     encoded = msgspec.json.encode(transcript)
                     self._db.execute("UPDATE jobs SET transcript = ? WHERE id = ?", (encoded, job.id))
                 self._add_event(job, from_state.value, event.value)
+
+    def claim(self, transitions: Sequence[SavedTransition]) -> list[int]:
+        """Nobody else takes jobs from this store: the dispatch is an ordinary commit of them all."""
+        self.save_transitions(transitions)
+        return [job.id for job, _, _, _ in transitions]
 
     def _add_event(self, job: JobRow, from_state: str | None, event: str) -> None:
         self._db.execute(

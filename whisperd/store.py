@@ -41,6 +41,11 @@ class JobRow(msgspec.Struct, kw_only=True, gc=False):
     started_at: float | None
     finished_at: float | None
     not_before: float | None  # a RETRYING job waits until then
+    # Kept by the shared store only (several hosts, one queue; see pg_store.py): the embedded one has a
+    # single host and stores none of them.
+    attempt: int = 0  # raised at each dispatch: the fencing token a shared store checks at every write
+    host: str | None = None  # the host holding the job (PROCESSING, RETRYING)
+    submit_host: str | None = None  # the host that accepted it (its spool_path is a file there)
 
     def view(self) -> JobView:
         """What clients see of the job: the one conversion from the row to the wire (spelled out: a listing
@@ -51,11 +56,13 @@ class JobRow(msgspec.Struct, kw_only=True, gc=False):
             priority=self.priority, word_timestamps=self.word_timestamps, error=self.error,
             filename=self.filename, owner_uid=self.owner_uid, audio_duration_s=self.audio_duration_s,
             created_at=self.created_at, updated_at=self.updated_at, started_at=self.started_at,
-            finished_at=self.finished_at,
+            finished_at=self.finished_at, host=self.host,
         )  # fmt: skip
 
 
-JOB_COLUMNS: tuple[str, ...] = JobRow.__struct_fields__
+SHARED_ONLY_COLUMNS = frozenset({"attempt", "host", "submit_host"})
+# What the embedded store keeps of a job: every field but the shared store's own.
+JOB_COLUMNS: tuple[str, ...] = tuple(f for f in JobRow.__struct_fields__ if f not in SHARED_ONLY_COLUMNS)
 # Fixed at submit; everything else may change with a transition.
 IMMUTABLE_COLUMNS = frozenset(
     {"id", "model", "language", "task", "filename", "owner_uid", "spool_bytes", "created_at"}
@@ -126,6 +133,23 @@ class UserTotal(msgspec.Struct, frozen=True, kw_only=True):
     spool_bytes: int
 
 
+class SharedQueue(Protocol):
+    """What a store many hosts share (PostgreSQL, pg_store.py) adds for the registry: its queue changes
+    under the daemon's feet, so the daemon reads the lanes at each round instead of keeping them; and its
+    insert_jobs does network I/O (the registry runs it in a thread)."""
+
+    def lanes(
+        self, take: int
+    ) -> tuple[list[tuple[tuple[int, int, str], int, list[tuple[int, float]]]], dict[int, int]]:
+        """The PENDING lanes ((priority, owner, model), length, first `take` (id, queued_at)) and the
+        fleet's fair-share turns by uid."""
+        ...
+
+    def note_stale_result(self, job_id: int, attempt: int, worker: str | None) -> None:
+        """Record in the job's history that a result of an attempt no longer this host's was refused."""
+        ...
+
+
 # (the job as it is now, the state it left, the event, the result if any): one transition to save
 SavedTransition = tuple[JobRow, JobState, JobEvent, Transcript | None]
 
@@ -133,8 +157,13 @@ SavedTransition = tuple[JobRow, JobState, JobEvent, Transcript | None]
 class Store(Protocol):
     """Durable jobs, their results and their history. Every method commits before it returns; a commit is
     durable once sync() has run after it (the daemon acknowledges a submit only then: durability.py). A
-    write the backend cannot make raises a StorageError (StorageFull, StorageBusy) and leaves nothing
-    changed."""
+    write the backend cannot make raises a StorageError (StorageFull, StorageBusy, StorageUnavailable,
+    Superseded) and leaves nothing changed."""
+
+    def claim(self, transitions: Sequence[SavedTransition]) -> list[int]:
+        """The DISPATCH of PENDING jobs, in one commit: of those still queued and not being taken by another
+        host, the ids this call took (every one of them in a store only this daemon writes)."""
+        ...
 
     def insert_jobs(self, new_jobs: Sequence[NewJob], now: float) -> list[JobRow]:
         """All of a submit's jobs in one transaction: either every file is queued or none."""

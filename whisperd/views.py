@@ -5,13 +5,23 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from whisperd.fleet import Fleet
+from whisperd.fleetlink import HostSnapshot
 from whisperd.gpupool import DevicePool
 from whisperd.jobs import JobState
 from whisperd.protocol import DeviceView, StatsView, UserStatsView, WorkerView
 from whisperd.registry import JobRegistry
 from whisperd.telemetry import Telemetry
+
+_View = TypeVar("_View", WorkerView, DeviceView)
+
+
+def _marked(views: Sequence[_View], host: str) -> list[_View]:
+    for view in views:
+        view.host = host
+    return list(views)
 
 
 def jobs_by_device(workers: Sequence[WorkerView]) -> dict[str, list[int]]:
@@ -30,7 +40,13 @@ class Views:
         pool: DevicePool,
         telemetry: Telemetry,
         clock: Callable[[], float],
+        others: Callable[[], Sequence[tuple[str, HostSnapshot]]] | None = None,
+        host_id: str | None = None,
     ) -> None:
+        """others: with a shared store, the other hosts alive and what their last heartbeat said of their
+        workers and devices; host_id: this host's name then (each view is marked with its host)."""
+        self._others = others
+        self._host_id = host_id
         self._registry = registry
         self._fleet = fleet
         self._pool = pool
@@ -39,10 +55,28 @@ class Views:
         self.started_at = clock()
 
     def workers(self) -> list[WorkerView]:
-        return self._fleet.views()
+        """This host's workers."""
+        views = self._fleet.views()
+        for view in views:
+            view.host = self._host_id
+        return views
 
     def devices(self) -> list[DeviceView]:
-        return self._pool.views(Counter(w.device for w in self.workers()))
+        """This host's devices."""
+        views = self._pool.views(Counter(w.device for w in self._fleet.views()))
+        for view in views:
+            view.host = self._host_id
+        return views
+
+    def fleet_workers(self) -> list[WorkerView]:
+        """Every host's workers (this one's first): what clients are shown."""
+        return self.workers() + [w for _host, snap in self._remote() for w in _marked(snap.workers, _host)]
+
+    def fleet_devices(self) -> list[DeviceView]:
+        return self.devices() + [d for _host, snap in self._remote() for d in _marked(snap.devices, _host)]
+
+    def _remote(self) -> Sequence[tuple[str, HostSnapshot]]:
+        return self._others() if self._others is not None else ()
 
     def stats(self) -> StatsView:
         counts = self._registry.counts()
@@ -50,7 +84,7 @@ class Views:
             states=counts,
             queue_depth=counts[JobState.PENDING] + counts[JobState.RETRYING],
             running_jobs=counts[JobState.PROCESSING],
-            workers=self.workers(),
+            workers=self.fleet_workers(),
             uptime_s=self._clock() - self.started_at,
             audio_seconds_total=self._telemetry.audio_seconds_total,
             processing_seconds_total=self._telemetry.processing_seconds_total,

@@ -121,13 +121,16 @@ class FasterWhisper:
         from faster_whisper import BatchedInferencePipeline
 
         pieces = [audio[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)] for audio, start, end in windows]
-        offsets_s, at = [], 0
+        offsets_s: list[float] = []
+        clips: list[dict[str, float]] = []
+        at = 0
         for piece in pieces:
             offsets_s.append(at / SAMPLE_RATE)
+            # faster-whisper reads each bound as int(seconds * 16000): half a sample more, or float error
+            # may move a bound back by one, two clips overlap, and their total outlasting the audio fails
+            # it ("non-negative timestamp expected")
+            clips.append({"start": (at + 0.5) / SAMPLE_RATE, "end": (at + len(piece) + 0.5) / SAMPLE_RATE})
             at += len(piece)
-        clips = [
-            {"start": o, "end": o + len(p) / SAMPLE_RATE} for o, p in zip(offsets_s, pieces, strict=True)
-        ]
         decoded, _info = BatchedInferencePipeline(model).transcribe(
             np.concatenate(pieces), language=language, task=spec.task, beam_size=spec.beam_size,
             word_timestamps=spec.word_timestamps, vad_filter=False, clip_timestamps=clips,

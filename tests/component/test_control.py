@@ -17,6 +17,7 @@ import pytest
 from tests.support.daemon import DaemonProcess
 from tests.support.users import as_user
 from whisperctl.client import RemoteError
+from whisperd import protocol as p
 from whisperd.jobs import JobState
 
 NOBODY = 65534
@@ -50,7 +51,7 @@ def audio_file(daemon: DaemonProcess, speech: dict[str, Path], name: str = "fox"
 
 def test_ping_from_a_raw_line(idle_daemon: DaemonProcess) -> None:
     [pong] = raw(idle_daemon, b'{"op": "ping"}\n')
-    assert pong["ok"] is True and pong["reply"] == "pong" and pong["protocol"] == 2
+    assert pong["ok"] is True and pong["reply"] == "pong" and pong["protocol"] == p.PROTOCOL_VERSION
 
 
 @pytest.mark.parametrize(
@@ -82,7 +83,7 @@ def test_an_oversized_request_is_refused_and_the_daemon_serves_on(idle_daemon: D
     huge = b'{"op": "status", "ids": [' + b"1," * 600_000 + b"1]}\n"
     [error] = raw(idle_daemon, huge)
     assert error["error"]["code"] == "request_too_large"
-    assert idle_daemon.client.ping().protocol == 2
+    assert idle_daemon.client.ping().protocol == p.PROTOCOL_VERSION
 
 
 def test_the_queue_limit_refuses_more_and_keeps_what_it_has(
@@ -184,7 +185,7 @@ def test_a_second_daemon_on_the_same_socket_is_refused(idle_daemon: DaemonProces
     second.socket = idle_daemon.socket
     with pytest.raises(RuntimeError, match="already listening"):
         second.start(timeout_s=30)
-    assert idle_daemon.client.ping().protocol == 2
+    assert idle_daemon.client.ping().protocol == p.PROTOCOL_VERSION
 
 
 def test_sighup_applies_what_it_can_and_names_what_needs_a_restart(
@@ -211,7 +212,7 @@ def test_sighup_applies_what_it_can_and_names_what_needs_a_restart(
     idle_daemon.config_path.write_text("[daemon]\nbogus = 1\n")
     idle_daemon.proc.send_signal(signal.SIGHUP)
     idle_daemon.wait_for(lambda: "the running one stays" in idle_daemon.log(), 10, "the refused reload")
-    assert "bogus" in idle_daemon.log() and idle_daemon.client.ping().protocol == 2
+    assert "bogus" in idle_daemon.log() and idle_daemon.client.ping().protocol == p.PROTOCOL_VERSION
 
 
 def test_the_performance_monitor_logs_a_summary_and_feeds_watchers(

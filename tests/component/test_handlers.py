@@ -77,6 +77,9 @@ class FakeFleet:
 
 
 class FakeViews:
+    def fleet_devices(self) -> list[p.DeviceView]:
+        return self.devices()
+
     def devices(self) -> list[p.DeviceView]:
         return DEVICES
 

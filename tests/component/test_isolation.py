@@ -227,7 +227,7 @@ def test_a_second_daemon_on_the_same_state_dir_refuses_to_start(
         assert str(first.state_dir) in refused.stderr and f"pid {first.proc.pid}" in refused.stderr
         assert "Traceback" not in refused.stderr
         assert first.socket.exists(), "the first daemon's socket is left alone"
-        assert first.client.ping().protocol == 2
+        assert first.client.ping().protocol == p.PROTOCOL_VERSION
         assert [j.id for j in first.client.status()] == [job.id]
         assert first.client.submit([str(speech["fox"])])[0].state is JobState.PENDING
         assert len(list((first.state_dir / "spool").iterdir())) == 2

@@ -85,3 +85,24 @@ def test_a_fetch_that_fails_leaves_no_file_behind(
     with pytest.raises(pg_audio.AudioMissing):
         cache.path(conn, job(conn))
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_file_removed_while_the_cache_is_trimmed_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop discards a finished job's file while a fetch thread trims: the file it listed is gone by the
+    time it is looked at (seen under load in bench/fleet.py: the batch's send died, its jobs stuck)."""
+    cache = pg_audio.AudioCache(tmp_path / "cache", max_bytes=2500)
+    for job_id in (1, 2):
+        cache.fill(job_id, lambda out: out.write(b"x" * 1000))
+    listed = Path.iterdir
+
+    def listing_then_discard(folder: Path) -> list[Path]:
+        paths = list(listed(folder))
+        cache.discard(1)  # between the listing and the look at each file
+        return paths
+
+    monkeypatch.setattr(Path, "iterdir", listing_then_discard)
+    cache.fill(3, lambda out: out.write(b"y" * 1000))
+    monkeypatch.undo()
+    assert sorted(p.name for p in cache.folder.iterdir()) == ["2", "3"]

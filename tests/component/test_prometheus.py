@@ -36,7 +36,7 @@ def test_promtool_checks_the_scrape_config_and_rules() -> None:
     config = run("promtool", "check", "config", str(ETC / "prometheus" / "prometheus.yml"))
     assert config.returncode == 0, config.stdout + config.stderr
     rules = run("promtool", "check", "rules", str(ETC / "prometheus" / "whisperd-rules.yml"))
-    assert rules.returncode == 0 and "9 rules found" in rules.stdout, rules.stdout + rules.stderr
+    assert rules.returncode == 0 and "16 rules found" in rules.stdout, rules.stdout + rules.stderr
 
 
 @needs_prometheus
@@ -46,9 +46,15 @@ def test_every_alert_has_a_unit_test_and_they_pass() -> None:
     alerts = [
         line.split(":", 1)[1].strip() for line in rules.splitlines() if line.strip().startswith("- alert:")
     ]
-    assert len(alerts) == 9
+    assert len(alerts) == 11
     for alert in alerts:
         assert tests.count(f"alertname: {alert}") >= 2, f"{alert} needs a firing and a quiet case"
+    records = [
+        line.split(":", 1)[1].strip() for line in rules.splitlines() if line.strip().startswith("- record:")
+    ]
+    assert len(records) == 5
+    for record in records:
+        assert f"- expr: {record}\n" in tests, f"{record} needs a promql_expr_test"
     result = run("promtool", "test", "rules", str(ETC / "prometheus" / "whisperd-rules.test.yml"))
     assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
 

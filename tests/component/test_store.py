@@ -1,21 +1,80 @@
-"""The SQLite store and the spool on real files: atomic submits, transitions with their history, listings that
-never decode transcripts, spool hygiene."""
+"""The stores on real files and a real PostgreSQL: atomic submits, transitions with their history, listings
+that never decode transcripts, spool hygiene. The tests that say nothing of the backend run against both
+SqliteStore and PgStore (the `backend` fixture); the SQLite file's own (old databases) against SQLite."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
+import psycopg
 import pytest
 
-from whisperd.errors import InvalidAudio
+from whisperd.errors import InvalidAudio, StorageError
 from whisperd.jobs import JobEvent, JobState
+from whisperd.pg_store import PgStore
 from whisperd.protocol import Segment, Transcript
 from whisperd.spool import Spool
 from whisperd.sqlite_store import SqliteStore
-from whisperd.store import EventRow, NewJob
+from whisperd.store import EventRow, JobRow, NewJob, Store
+
+HOST = "host-1"  # the shared store's host id
+_names = itertools.count()
+
+
+class Backend:
+    """Opens stores of one kind on one database, and writes behind their back; closes them at the end."""
+
+    def __init__(self, tmp_path: Path, url: str | None) -> None:
+        self.path, self.url = tmp_path / "jobs.sqlite3", url
+        self.opened: list[Store] = []
+
+    def open(self) -> Store:
+        store: Store
+        if self.url is None:
+            store = SqliteStore(self.path)
+        else:
+            shared = PgStore(self.url, HOST, lease_s=30.0, release="test")
+            shared.open()
+            store = shared
+        self.opened.append(store)
+        return store
+
+    def corrupt_transcript(self, store: Store, job_id: int) -> None:
+        """A stored transcript that no longer decodes."""
+        if isinstance(store, SqliteStore):
+            store._db.execute("UPDATE jobs SET transcript = x'00ff' WHERE id = ?", (job_id,))
+            return
+        assert self.url is not None
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute("UPDATE jobs SET transcript = '\\x00ff'::bytea WHERE id = %s", (job_id,))
+
+    def close(self) -> None:
+        for store in self.opened:
+            with contextlib.suppress(Exception):  # some tests closed theirs already
+                store.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    url = None
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres").create_database(f"store_{next(_names)}")
+    opened = Backend(tmp_path, url)
+    yield opened
+    opened.close()
+
+
+def dispatch(store: Store, job: JobRow, worker: str = "cpu0") -> None:
+    """The DISPATCH as the registry takes it: the attempt raised (the fencing token) and the host set."""
+    old = job.state
+    job.state, job.worker, job.attempt, job.host = JobState.PROCESSING, worker, job.attempt + 1, HOST
+    store.save_transition(job, old, JobEvent.DISPATCH)
 
 
 def new_job(spool: str, priority: int = 0) -> NewJob:
@@ -35,37 +94,38 @@ def spooled(spool: Spool, tmp_path: Path, data: bytes = b"RIFF....") -> str:
         os.close(fd)
 
 
-def test_a_failed_submit_leaves_no_open_transaction(tmp_path: Path) -> None:
-    store, spool = SqliteStore(tmp_path / "jobs.sqlite3"), Spool(tmp_path / "spool")
+def test_a_failed_submit_leaves_no_open_transaction(backend: Backend, tmp_path: Path) -> None:
+    store, spool = backend.open(), Spool(tmp_path / "spool")
     path = spooled(spool, tmp_path)
-    with pytest.raises(OverflowError):
+    with pytest.raises((OverflowError, StorageError)):  # SQLite's driver refuses it, PostgreSQL the server
         store.insert_jobs([new_job(path), new_job(path, priority=2**64)], now=1.0)
     assert store.live_jobs() == [], "all or nothing"
     [job] = store.insert_jobs([new_job(path)], now=2.0)  # the store still works
     assert job.word_timestamps is True and job.state is JobState.PENDING
-    job.state, job.worker, job.updated_at = JobState.PROCESSING, "cpu0", 3.0
-    store.save_transition(job, JobState.PENDING, JobEvent.DISPATCH)
+    job.updated_at = 3.0
+    dispatch(store, job)
     assert store.history(job.id) == [
         EventRow(at=2.0, from_state=None, to_state=JobState.PENDING, event="submit", worker=None, error=None),
         EventRow(at=3.0, from_state=JobState.PENDING, to_state=JobState.PROCESSING, event="dispatch",
                  worker="cpu0", error=None),
     ]  # fmt: skip
     store.close()
-    reopened = SqliteStore(tmp_path / "jobs.sqlite3")
+    reopened = backend.open()
     assert [(j.state, j.worker) for j in reopened.live_jobs()] == [(JobState.PROCESSING, "cpu0")]
     assert reopened.count_by_state() == {JobState.PROCESSING: 1}
     reopened.close()
 
 
-def test_listings_select_rows_without_decoding_transcripts(tmp_path: Path) -> None:
-    store, spool = SqliteStore(tmp_path / "jobs.sqlite3"), Spool(tmp_path / "spool")
+def test_listings_select_rows_without_decoding_transcripts(backend: Backend, tmp_path: Path) -> None:
+    store, spool = backend.open(), Spool(tmp_path / "spool")
     jobs = store.insert_jobs([new_job(spooled(spool, tmp_path)) for _ in range(3)], now=1.0)
     done = jobs[1]
+    dispatch(store, done)
     done.state, done.updated_at, done.spool_path = JobState.COMPLETED, 2.0, None
     transcript = Transcript("en", 1.0, 1.0, "hello", [Segment(id=1, start=0.0, end=1.0, text="hello")])
     store.save_transition(done, JobState.PROCESSING, JobEvent.COMPLETE, transcript)
     # A transcript that no longer decodes would break any listing that read it.
-    store._db.execute("UPDATE jobs SET transcript = x'00ff' WHERE id = ?", (jobs[0].id,))
+    backend.corrupt_transcript(store, jobs[0].id)
     assert [j.id for j in store.select([], None, 2)] == [jobs[1].id, jobs[2].id], "newest two, oldest first"
     assert [j.id for j in store.select([], JobState.COMPLETED, 10)] == [done.id]
     assert [j.id for j in store.live_jobs()] == [jobs[0].id, jobs[2].id]
@@ -80,16 +140,18 @@ def test_listings_select_rows_without_decoding_transcripts(tmp_path: Path) -> No
     assert [v.id for v in store.views([], JobState.COMPLETED, 10)] == [done.id]
 
 
-def test_views_are_the_rows_views(tmp_path: Path) -> None:
+def test_views_are_the_rows_views(backend: Backend, tmp_path: Path) -> None:
     """What a listing reads straight from the store is exactly what the row would show, on the wire too
-    (a stored 0/1 is a JSON false/true, a state is a JobState)."""
-    store, spool = SqliteStore(tmp_path / "jobs.sqlite3"), Spool(tmp_path / "spool")
+    (a stored 0/1 is a JSON false/true, a state is a JobState, the shared store's host)."""
+    store, spool = backend.open(), Spool(tmp_path / "spool")
     jobs = store.insert_jobs([new_job(spooled(spool, tmp_path), priority=i) for i in range(3)], now=1.0)
     done = jobs[0]
+    dispatch(store, done)
     done.state, done.progress, done.updated_at, done.finished_at = JobState.COMPLETED, 100.0, 2.0, 2.0
     done.spool_path, done.worker, done.device, done.audio_duration_s = None, "cpu0", "cpu", 12.5
     store.save_transition(done, JobState.PROCESSING, JobEvent.COMPLETE, Transcript("en", 1.0, 1.0, "x", []))
     failed = jobs[1]
+    dispatch(store, failed)
     failed.state, failed.error, failed.retries, failed.word_timestamps = JobState.FAILED, "no audio", 2, False
     store.save_transition(failed, JobState.PROCESSING, JobEvent.FAIL_FATAL)
     views = store.views([], None, 10)
@@ -97,15 +159,16 @@ def test_views_are_the_rows_views(tmp_path: Path) -> None:
     assert msgspec.json.encode(views) == msgspec.json.encode([r.view() for r in rows if r is not None])
     assert [v.state for v in views] == [JobState.COMPLETED, JobState.FAILED, JobState.PENDING]
     assert all(type(v.state) is JobState and type(v.word_timestamps) is bool for v in views)
+    assert [v.host for v in views] == ([HOST, HOST, None] if store.shared else [None] * 3)
     store.close()
 
 
-def test_newest_ids_come_by_state_oldest_first_within_the_limit(tmp_path: Path) -> None:
-    store, spool = SqliteStore(tmp_path / "jobs.sqlite3"), Spool(tmp_path / "spool")
+def test_newest_ids_come_by_state_oldest_first_within_the_limit(backend: Backend, tmp_path: Path) -> None:
+    store, spool = backend.open(), Spool(tmp_path / "spool")
     jobs = store.insert_jobs([new_job(spooled(spool, tmp_path)) for _ in range(6)], now=1.0)
     for job in jobs[1::2]:
-        job.state, job.worker, job.updated_at = JobState.PROCESSING, "cpu0", 2.0
-        store.save_transition(job, JobState.PENDING, JobEvent.DISPATCH)
+        job.updated_at = 2.0
+        dispatch(store, job)
     ids = [j.id for j in jobs]
     assert store.newest_ids(None, 4) == ids[2:]
     assert store.newest_ids(JobState.PENDING, 2) == [ids[2], ids[4]]
@@ -127,8 +190,8 @@ def test_spool_refuses_empty_and_oversized_audio_and_cleans_up(tmp_path: Path) -
     assert list(spool.directory.iterdir()) == []
 
 
-def test_orphan_spool_files_go_and_live_ones_stay(tmp_path: Path) -> None:
-    store, spool = SqliteStore(tmp_path / "jobs.sqlite3"), Spool(tmp_path / "spool")
+def test_orphan_spool_files_go_and_live_ones_stay(backend: Backend, tmp_path: Path) -> None:
+    store, spool = backend.open(), Spool(tmp_path / "spool")
     kept = spooled(spool, tmp_path)
     orphan = spooled(spool, tmp_path)
     store.insert_jobs([new_job(kept)], now=1.0)
@@ -137,8 +200,8 @@ def test_orphan_spool_files_go_and_live_ones_stay(tmp_path: Path) -> None:
     assert not Path(orphan).exists()
 
 
-def test_an_orphan_written_after_the_start_is_left_to_its_submit(tmp_path: Path) -> None:
-    store, spool = SqliteStore(tmp_path / "jobs.sqlite3"), Spool(tmp_path / "spool")
+def test_an_orphan_written_after_the_start_is_left_to_its_submit(backend: Backend, tmp_path: Path) -> None:
+    store, spool = backend.open(), Spool(tmp_path / "spool")
     old, new = spooled(spool, tmp_path), spooled(spool, tmp_path)
     os.utime(old, (1_000.0, 1_000.0))
     assert spool.remove_orphans(store.spool_names_in_use(), before=2_000.0) == 1
@@ -147,15 +210,14 @@ def test_an_orphan_written_after_the_start_is_left_to_its_submit(tmp_path: Path)
     )
 
 
-def test_the_queue_is_read_oldest_first_with_the_owners_books(tmp_path: Path) -> None:
-    store, spool = SqliteStore(tmp_path / "jobs.sqlite3"), Spool(tmp_path / "spool")
+def test_the_queue_is_read_oldest_first_with_the_owners_books(backend: Backend, tmp_path: Path) -> None:
+    store, spool = backend.open(), Spool(tmp_path / "spool")
     a, b, c = store.insert_jobs([new_job(spooled(spool, tmp_path), priority=i) for i in range(3)], now=5.0)
-    b.state, b.updated_at = JobState.PROCESSING, 6.0
-    store.save_transition(b, JobState.PENDING, JobEvent.DISPATCH)
-    b.state, b.queued_at = JobState.PENDING, 7.0  # requeued: to the tail
+    b.updated_at = 6.0
+    dispatch(store, b)
+    b.state, b.queued_at, b.host, b.worker = JobState.PENDING, 7.0, None, None  # requeued: to the tail
     store.save_transition(b, JobState.PROCESSING, JobEvent.REQUEUE)
-    a.state = JobState.PROCESSING
-    store.save_transition(a, JobState.PENDING, JobEvent.DISPATCH)
+    dispatch(store, a)
     queue = [entry for chunk in store.queue() for entry in chunk]
     assert queue == [(c.id, 2, 1000, "tiny.en", 5.0), (b.id, 1, 1000, "tiny.en", 7.0)]
     assert {(t.state, t.jobs, t.spool_bytes) for t in store.user_totals()} == {
@@ -199,3 +261,16 @@ def test_a_store_from_before_spool_sizes_gets_them_measured_once(tmp_path: Path)
     assert [t.spool_bytes for t in store.user_totals()] == [1234]
     assert [e[0] for chunk in store.queue() for e in chunk] == [job.id], "the queue's index was added too"
     store.close()
+
+
+def test_a_claim_dispatches_the_jobs_it_wins(backend: Backend, tmp_path: Path) -> None:
+    store, spool = backend.open(), Spool(tmp_path / "spool")
+    jobs = store.insert_jobs([new_job(spooled(spool, tmp_path)) for _ in range(3)], now=1.0)
+    for job in jobs:
+        job.state, job.worker, job.attempt, job.host = JobState.PROCESSING, "cpu0", job.attempt + 1, HOST
+    won = store.claim([(job, JobState.PENDING, JobEvent.DISPATCH, None) for job in jobs[:2]])
+    assert won == [jobs[0].id, jobs[1].id], "nobody else took them"
+    assert [(j.id, j.state) for j in store.live_jobs()] == [
+        (jobs[0].id, JobState.PROCESSING), (jobs[1].id, JobState.PROCESSING), (jobs[2].id, JobState.PENDING),
+    ]  # fmt: skip
+    assert [e.event for e in store.history(jobs[0].id)] == ["submit", "dispatch"]

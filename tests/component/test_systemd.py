@@ -24,6 +24,7 @@ from tests.support.datagrams import DatagramSink
 from tests.support.journal import FakeJournal
 from tests.support.system_state import check_isolated
 from whisperctl.client import Client
+from whisperd import protocol as p
 from whisperd.config import Config
 from whisperd.jobs import JobState
 from whisperd.systemd import Notifier
@@ -136,7 +137,8 @@ def test_socket_activation(tmp_path: Path, speech: dict[str, Path]) -> None:
         while not sock.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         client = Client(str(sock), timeout_s=120)
-        assert client.ping().protocol == 2  # the first connection starts the daemon; it waits in the backlog
+        # the first connection starts the daemon; it waits in the backlog
+        assert client.ping().protocol == p.PROTOCOL_VERSION
         [job] = client.submit([str(speech["fox"])])
         deadline = time.monotonic() + 120
         while not client.status([job.id])[0].state.terminal and time.monotonic() < deadline:

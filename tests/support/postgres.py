@@ -95,6 +95,16 @@ class Cluster:
         self._as_owner(["pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w",
                         "start"])  # fmt: skip
 
+    def down(self) -> None:
+        """Stop the server at once (as a crash would), keeping its data for up()."""
+        self._as_owner(["pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop"])
+
+    def up(self) -> None:
+        """Start it again on the same data, after down()."""
+        options = f"-k {self.socket_dir} -c listen_addresses='' -c fsync=off -c max_connections=200"
+        self._as_owner(["pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w",
+                        "start"])  # fmt: skip
+
     def create_database(self, name: str) -> str:
         """A fresh, empty database; its URL."""
         import psycopg

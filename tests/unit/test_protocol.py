@@ -183,7 +183,7 @@ UNKNOWN_MODEL = "unknown model 'large'; this daemon serves: tiny.en"
 GOLDEN_REPLIES: list[tuple[str, Json, p.Reply]] = [
     (
         "pong",
-        {"reply": "pong", "ok": True, "version": "0.1.0", "protocol": 2},
+        {"reply": "pong", "ok": True, "version": "0.1.0", "protocol": 3},
         p.Pong(version="0.1.0"),  # as the daemon builds them: defaults are part of the wire
     ),
     ("jobs", {"reply": "jobs", "ok": True, "jobs": [JOB], "errors": []}, p.Jobs(jobs=[JOB_VIEW])),

@@ -184,6 +184,18 @@ def test_jobs_table_columns() -> None:
     )
 
 
+def test_jobs_table_shows_hosts_with_a_shared_store() -> None:
+    jobs = [
+        _job(host="gpu-b"),
+        _job(id=12, state=JobState.PENDING, progress=0.0, device=None, worker=None, filename="m.mp3"),
+    ]
+    assert jobs_table(jobs, now=1005.0) == (
+        "ID  STATE       PROGRESS  MODEL  HOST   DEVICE  AGE  FILE\n"
+        "7   PROCESSING  42%       small  gpu-b  cpu     5s   talk.wav\n"
+        "12  PENDING     0%        small  -      -       5s   m.mp3\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("age_s", "expected"),
     [
@@ -254,6 +266,21 @@ def test_devices_table() -> None:
     )
 
 
+def test_devices_table_shows_hosts_with_a_shared_store() -> None:
+    def cpu(host: str) -> DeviceView:
+        return DeviceView(
+            name="cpu", index=None, uuid=None, healthy=True, memory_total_bytes=None, memory_used_bytes=None,
+            memory_free_bytes=None, memory_reserved_bytes=0, memory_available_bytes=None,
+            utilization_ratio=None, temperature_c=None, power_w=None, workers=1, running_batches=0, host=host,
+        )  # fmt: skip
+
+    assert devices_table([cpu("a"), cpu("host-b")]) == (
+        "HOST    DEVICE  HEALTHY  UTIL  MEM USED/TOTAL  AVAILABLE  RESERVED  TEMP  POWER  WORKERS  BATCHES\n"
+        "a       cpu     yes      -     -               -          0.0 GiB   -     -      1        0\n"
+        "host-b  cpu     yes      -     -               -          0.0 GiB   -     -      1        0\n"
+    )
+
+
 # ---- stats -------------------------------------------------------------------------------------------
 
 
@@ -308,6 +335,20 @@ def test_stats_text_without_realtime_factor_or_workers() -> None:
     assert text.endswith("\nWORKER  DEVICE  PID  STATE  MODELS  JOBS  RESTARTS\n")
 
 
+def test_stats_text_shows_hosts_with_a_shared_store() -> None:
+    workers = [
+        WorkerView(id="w0", device="cuda:0", pid=10, state="busy", models=["small"], jobs=[7], restarts=0,
+                   host="a"),
+        WorkerView(id="w0", device="cuda:0", pid=11, state="idle", models=[], jobs=[], restarts=0,
+                   host="host-b"),
+    ]  # fmt: skip
+    assert stats_text(_stats(workers=workers)).endswith(
+        "WORKER  HOST    DEVICE  PID  STATE  MODELS  JOBS  RESTARTS\n"
+        "w0      a       cuda:0  10   busy   small   7     0\n"
+        "w0      host-b  cuda:0  11   idle   -       -     0\n"
+    )
+
+
 # ---- watch lines -------------------------------------------------------------------------------------
 
 
@@ -323,6 +364,8 @@ def test_stats_text_without_realtime_factor_or_workers() -> None:
             {"state": JobState.FAILED, "error": "audio does not decode"},
             "job 7 FAILED 42% cpu0 talk.wav: audio does not decode",
         ),
+        ({"host": "gpu-b"}, "job 7 PROCESSING 42% cpu0@gpu-b talk.wav"),  # a shared store
+        ({"host": "gpu-b", "worker": None, "device": None}, "job 7 PROCESSING 42% gpu-b talk.wav"),
     ],
 )
 def test_job_event_line(overrides: dict[str, Any], expected: str) -> None:
@@ -359,6 +402,11 @@ def test_job_failed_line_escapes_names_and_errors() -> None:
     line = job_failed_line(_job(filename=HOSTILE_NAME, state=JobState.FAILED, error=HOSTILE_ERROR))
     assert not _unsafe(line) and "\n" not in line
     assert line.startswith("job 7 FAILED: bad audio\\x0a\\x1b[31m")
+
+
+def test_host_names_are_escaped() -> None:
+    assert not _unsafe(jobs_table([_job(host="h\x1b[2J")], now=1000.0))
+    assert not _unsafe(job_event_line(_job(host="h\r\u202e")))
 
 
 def test_stats_text_escapes_what_it_shows() -> None:
