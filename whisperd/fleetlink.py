@@ -77,6 +77,24 @@ def lost_jobs(held_before: set[int], held_after: set[int], held_in_store: set[in
     return (held_before & held_after) - held_in_store
 
 
+def alive_others(hosts: Sequence[HostRow], host_id: str, lease_s: float) -> list[HostSnapshot]:
+    """The snapshots of the other hosts whose heartbeat is within a lease, each view marked with its host."""
+    alive = []
+    for host in hosts:
+        if host.id == host_id or host.snapshot is None or host.heartbeat_age_s > lease_s:
+            continue
+        try:
+            snapshot = msgspec.json.decode(host.snapshot, type=HostSnapshot)
+        except msgspec.DecodeError:  # written by a release that stores another shape: shown without it
+            continue
+        for worker in snapshot.workers:
+            worker.host = host.id
+        for device in snapshot.devices:
+            device.host = host.id
+        alive.append(snapshot)
+    return alive
+
+
 class FleetLink:
     def __init__(
         self,
@@ -100,6 +118,7 @@ class FleetLink:
         self._lease_s = lease_s
         self.host_id = store.host_id
         self.hosts: list[HostRow] = []  # as the last heartbeat read them
+        self._others: list[HostSnapshot] = []  # their snapshots, decoded once a heartbeat
         self.reachable = True  # the last heartbeat reached the database
         self.heartbeats = 0
         self._listener = Listener(store.conninfo, (JOBS_CHANNEL, EVENTS_CHANNEL), self._notified)
@@ -145,6 +164,7 @@ class FleetLink:
         self.heartbeats += 1
         self._registry.refresh(figures.counts, figures.user_totals)
         self.hosts = figures.hosts
+        self._others = alive_others(figures.hosts, self.host_id, self._lease_s)
         if self.heartbeats % SPOOL_SWEEP_BEATS == 1:
             # This host's spooled audio of jobs that ended on other hosts (they cannot remove it).
             older_than = time.time() - SPOOL_SWEEP_AGE_S  # wall clock, as the files' times
@@ -153,17 +173,9 @@ class FleetLink:
             except (OSError, StorageError) as exc:
                 log.warning("could not look for spool files of finished jobs: %s", exc)
 
-    def others(self) -> list[tuple[str, HostSnapshot]]:
+    def others(self) -> list[HostSnapshot]:
         """The other hosts alive (heartbeat within a lease) with what their last heartbeat said."""
-        alive = []
-        for host in self.hosts:
-            if host.id == self.host_id or host.snapshot is None or host.heartbeat_age_s > self._lease_s:
-                continue
-            try:
-                alive.append((host.id, msgspec.json.decode(host.snapshot, type=HostSnapshot)))
-            except msgspec.DecodeError:  # written by a release that stores another shape: shown without it
-                continue
-        return alive
+        return self._others
 
     def _notified(self, channel: str, payload: str) -> None:
         if channel == EVENTS_CHANNEL:

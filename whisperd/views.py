@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import TypeVar
 
 from whisperd.fleet import Fleet
 from whisperd.fleetlink import HostSnapshot
@@ -14,14 +13,6 @@ from whisperd.jobs import JobState
 from whisperd.protocol import DeviceView, StatsView, UserStatsView, WorkerView
 from whisperd.registry import JobRegistry
 from whisperd.telemetry import Telemetry
-
-_View = TypeVar("_View", WorkerView, DeviceView)
-
-
-def _marked(views: Sequence[_View], host: str) -> list[_View]:
-    for view in views:
-        view.host = host
-    return list(views)
 
 
 def jobs_by_device(workers: Sequence[WorkerView]) -> dict[str, list[int]]:
@@ -40,7 +31,7 @@ class Views:
         pool: DevicePool,
         telemetry: Telemetry,
         clock: Callable[[], float],
-        others: Callable[[], Sequence[tuple[str, HostSnapshot]]] | None = None,
+        others: Callable[[], Sequence[HostSnapshot]] | None = None,
         host_id: str | None = None,
     ) -> None:
         """others: with a shared store, the other hosts alive and what their last heartbeat said of their
@@ -70,12 +61,12 @@ class Views:
 
     def fleet_workers(self) -> list[WorkerView]:
         """Every host's workers (this one's first): what clients are shown."""
-        return self.workers() + [w for _host, snap in self._remote() for w in _marked(snap.workers, _host)]
+        return self.workers() + [w for snap in self._remote() for w in snap.workers]
 
     def fleet_devices(self) -> list[DeviceView]:
-        return self.devices() + [d for _host, snap in self._remote() for d in _marked(snap.devices, _host)]
+        return self.devices() + [d for snap in self._remote() for d in snap.devices]
 
-    def _remote(self) -> Sequence[tuple[str, HostSnapshot]]:
+    def _remote(self) -> Sequence[HostSnapshot]:
         return self._others() if self._others is not None else ()
 
     def stats(self) -> StatsView:
