@@ -10,7 +10,7 @@ database's clock alone."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -151,7 +151,13 @@ def notify(conn: Conn, host: str, views: Sequence[JobView], wake: bool) -> None:
         conn.execute(f"NOTIFY {JOBS_CHANNEL}")
 
 
-def insert_jobs(conn: Conn, host: str, new_jobs: Sequence[NewJob], now: float) -> list[JobRow]:
+def insert_jobs(
+    conn: Conn,
+    host: str,
+    new_jobs: Sequence[NewJob],
+    now: float,
+    before_commit: Callable[[list[JobRow]], None] | None = None,
+) -> list[JobRow]:
     """A submit's jobs and their audio (copied from the local spool files) in one transaction: a job is
     never seen by another host without its audio. OSError if a spool file cannot be read."""
     rows: list[JobRow] = []
@@ -179,6 +185,8 @@ def insert_jobs(conn: Conn, host: str, new_jobs: Sequence[NewJob], now: float) -
             _INSERT_EVENT, [(r.id, now, None, r.state.value, "submit", host, None, 0, None) for r in rows]
         )
         notify(conn, host, [r.view() for r in rows], wake=True)
+        if before_commit is not None:
+            before_commit(rows)
     return rows
 
 

@@ -265,11 +265,16 @@ class PgStore:
 
     # ---- writes --------------------------------------------------------------------------------------
 
-    def insert_jobs(self, new_jobs: Sequence[NewJob], now: float) -> list[JobRow]:
+    def insert_jobs(
+        self,
+        new_jobs: Sequence[NewJob],
+        now: float,
+        before_commit: Callable[[list[JobRow]], None] | None = None,
+    ) -> list[JobRow]:
         """A thread: the rows and the audio of the spool files, in one transaction."""
         try:
             with self._pooled() as conn:
-                return pg_jobs.insert_jobs(conn, self.host_id, new_jobs, now)
+                return pg_jobs.insert_jobs(conn, self.host_id, new_jobs, now, before_commit)
         except OSError as exc:
             raise os_storage_error(exc, "read a spooled file into the job database") from exc
 

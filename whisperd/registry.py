@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections import Counter
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -98,6 +99,10 @@ class JobRegistry:
         # With a shared store: the queue as last read (its oldest head, its models), and the jobs this host
         # held that another host took over or ended (the loop stops their workers: take_lost()).
         self._queue_heads: tuple[float | None, frozenset[str]] = (None, frozenset())
+        # A shared store's submits committed by a thread and not yet announced (PENDING) on the loop: a
+        # wake-up may dispatch such a job first, and its PENDING must still come before its PROCESSING.
+        self._unannounced: dict[int, JobRow] = {}
+        self._unannounced_lock = threading.Lock()
         self._lost: set[int] = set()
 
     # ---- start-up ------------------------------------------------------------------------------------
@@ -234,9 +239,31 @@ class JobRegistry:
         thread: it is network I/O."""
         if not self._shared:
             return self.add(new_jobs)
-        records = await asyncio.to_thread(self._store.insert_jobs, new_jobs, self._clock())
-        self._added(records)
+
+        inserted: list[int] = []
+
+        def before_commit(records: list[JobRow]) -> None:
+            with self._unannounced_lock:
+                self._unannounced.update((job.id, job) for job in records)
+            inserted.extend(job.id for job in records)
+
+        try:
+            records = await asyncio.to_thread(self._store.insert_jobs, new_jobs, self._clock(), before_commit)
+        except BaseException:
+            with self._unannounced_lock:  # the commit failed: none of its jobs exists to announce
+                for job_id in inserted:
+                    self._unannounced.pop(job_id, None)
+            raise
+        self._announce(job.id for job in records)
         return records
+
+    def _announce(self, job_ids: Iterable[int]) -> None:
+        """The jobs of a submit committed and not yet announced here: announced now (once)."""
+        if not self._unannounced:
+            return
+        with self._unannounced_lock:
+            records = [self._unannounced.pop(i) for i in job_ids if i in self._unannounced]
+        self._added(records)
 
     def add(self, new_jobs: Sequence[NewJob]) -> list[JobRow]:
         records = self._store.insert_jobs(new_jobs, self._clock())
@@ -299,6 +326,7 @@ class JobRegistry:
         """The DISPATCH of these PENDING jobs, in one commit; returns those this daemon got. All of them with
         a store only it writes; with a shared one, those no other host took first (the others were claimed
         elsewhere meanwhile: they stay as they were here, and are not this host's to run)."""
+        self._announce(job.id for job in jobs)
         steps: list[_Step] = []
         try:
             for job in jobs:
@@ -484,6 +512,7 @@ class JobRegistry:
     def remote_change(self, view: JobView) -> bool:
         """Another host changed a job (a shared store's notification): shown to watchers; a job held here
         that it moved elsewhere is released (True: its workers must stop)."""
+        self._announce((view.id,))
         self._publish(view)
         held = self._live.get(view.id)
         if held is not None and (view.state.terminal or view.host != self.host_id):

@@ -275,7 +275,12 @@ class SqliteStore:
         except sqlite3.OperationalError as exc:
             raise storage_error(exc) from exc
 
-    def insert_jobs(self, new_jobs: Sequence[NewJob], now: float) -> list[JobRow]:
+    def insert_jobs(
+        self,
+        new_jobs: Sequence[NewJob],
+        now: float,
+        before_commit: Callable[[list[JobRow]], None] | None = None,
+    ) -> list[JobRow]:
         rows = []
         with self._transaction():
             for job in new_jobs:
@@ -292,6 +297,8 @@ class SqliteStore:
                 row = _job(cursor.fetchone())
                 self._add_event(row, None, "submit")
                 rows.append(row)
+            if before_commit is not None:
+                before_commit(rows)
         return rows
 
     def save_transition(

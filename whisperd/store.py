@@ -165,8 +165,14 @@ class Store(Protocol):
         host, the ids this call took (every one of them in a store only this daemon writes)."""
         ...
 
-    def insert_jobs(self, new_jobs: Sequence[NewJob], now: float) -> list[JobRow]:
-        """All of a submit's jobs in one transaction: either every file is queued or none."""
+    def insert_jobs(
+        self,
+        new_jobs: Sequence[NewJob],
+        now: float,
+        before_commit: Callable[[list[JobRow]], None] | None = None,
+    ) -> list[JobRow]:
+        """All of a submit's jobs in one transaction: either every file is queued or none. before_commit gets
+        the rows once inserted, before anyone else can see them (a shared store's other readers)."""
         ...
 
     def save_transition(
