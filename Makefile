@@ -14,10 +14,10 @@ PYTHON ?= python3
 PIP_FLAGS ?=
 # `make bench`: queued jobs bench/scale.py fills the store with (make bench SCALE_JOBS=100000 is quicker)
 SCALE_JOBS ?= 1000000
-APT_PACKAGES := espeak-ng sox ffmpeg socat gcc pkg-config libsystemd-dev python3-venv prometheus prometheus-alertmanager postgresql
+APT_PACKAGES := curl espeak-ng sox ffmpeg socat gcc pkg-config libsystemd-dev python3-venv prometheus prometheus-alertmanager postgresql zsh
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-faults lint bench system-deps venv clean install
+.PHONY: run test test-faults lint bench system-deps venv clean install install-share completion
 
 system-deps:
 	@missing=""; for pkg in $(APT_PACKAGES); do \
@@ -59,10 +59,11 @@ bench: venv system-deps
 	$(PY) bench/cli_start.py
 	$(PY) bench/submits.py
 	$(PY) bench/fleet.py
+	$(PY) bench/http_api.py
 
 # make install [PREFIX=/usr/local] [DESTDIR=staging] [PYTHON=python3] [PIP_FLAGS=...]: the package and its
 # dependencies for PYTHON, the systemd units (ExecStart under PREFIX), sysusers.d, tmpfiles.d and etc/.
-install:
+install: install-share
 	$(PYTHON) -m pip install --quiet --no-warn-script-location --ignore-installed $(PIP_FLAGS) \
 		--root=$(or $(DESTDIR),/) --prefix=$(PREFIX) '.[systemd]'
 	install -d $(DESTDIR)$(UNITDIR) $(DESTDIR)$(PREFIX)/lib/sysusers.d $(DESTDIR)$(PREFIX)/lib/tmpfiles.d
@@ -75,6 +76,19 @@ install:
 	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/share/whisperd/alertmanager etc/alertmanager/*.yml
 	@echo "installed; then: systemd-sysusers; systemd-tmpfiles --create; systemctl daemon-reload;" \
 		"systemctl enable --now whisperd.socket whisperd.service"
+
+# What install puts under PREFIX/share besides the package: whisperctl's shell completion (bash-completion
+# loads completions/whisperctl on first use; site-functions is on zsh's fpath) and the Grafana dashboard.
+install-share:
+	install -D -m 0644 etc/completion/whisperctl.bash \
+		$(DESTDIR)$(PREFIX)/share/bash-completion/completions/whisperctl
+	install -D -m 0644 etc/completion/_whisperctl $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_whisperctl
+	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/share/whisperd/grafana etc/grafana/*.json
+
+# etc/completion/ again from whisperctl's parser, after a command or an option changed (a test says when)
+completion: venv
+	$(VENV)/bin/whisperctl completion bash > etc/completion/whisperctl.bash
+	$(VENV)/bin/whisperctl completion zsh > etc/completion/_whisperctl
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

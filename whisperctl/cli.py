@@ -10,7 +10,6 @@ import gc
 import os
 import sys
 import time
-from collections.abc import Sequence
 
 import msgspec
 
@@ -72,41 +71,11 @@ def _json(obj: object) -> None:
     sys.stdout.write(msgspec.json.format(msgspec.json.encode(obj), indent=2).decode() + "\n")
 
 
-def _follow(client: Client, ids: Sequence[int], timeout_s: float | None, quiet: bool) -> dict[int, p.JobView]:
-    """Follow jobs until each is terminal; progress lines go to stderr. Raises TimeoutError."""
-    from whisperctl import render
-
-    deadline = time.monotonic() + timeout_s if timeout_s else None
-    with client.watch() as events:
-        # Read the state after subscribing, so no transition between the two is missed.
-        jobs = {j.id: j for j in client.status(ids)}
-        shown: dict[int, tuple[str, int]] = {}
-
-        def show(job: p.JobView) -> None:
-            key = (job.state.value, int(job.progress))
-            if not quiet and shown.get(job.id) != key:
-                shown[job.id] = key
-                print(render.job_event_line(job), file=sys.stderr, flush=True)
-
-        for job in jobs.values():
-            show(job)
-        for event in events:
-            if all(j.state.terminal for j in jobs.values()):
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError
-            if isinstance(event, p.JobEventReply) and event.job.id in jobs:
-                jobs[event.job.id] = event.job
-                show(event.job)
-                if all(j.state.terminal for j in jobs.values()):
-                    break
-    return jobs
-
-
 def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     jobs = client.submit(
         args.files, model=args.model, language=args.language, task=args.task,
-        priority=args.priority, word_timestamps=args.word_timestamps,
+        priority=args.priority, word_timestamps=args.word_timestamps, prompt=args.prompt,
+        temperature=args.temperature,
     )  # fmt: skip
     if not args.wait:
         if args.json:
@@ -114,7 +83,9 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
         else:
             print("\n".join(str(j.id) for j in jobs))
         return EXIT_OK
-    final = _follow(client, [j.id for j in jobs], None, args.json)
+    from whisperctl.follow import follow
+
+    final = follow(client, [j.id for j in jobs], None, args.json or args.quiet)
     return _print_results(client, list(final.values()), args.format, args.json)
 
 
@@ -153,14 +124,22 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_wait(client: Client, args: argparse.Namespace) -> int:
+    from whisperctl.follow import bars, follow
+
     try:
-        jobs = _follow(client, args.ids, args.timeout, args.json)
+        jobs = follow(client, args.ids, args.timeout, args.json or args.quiet)
     except TimeoutError:
         print(f"whisperctl: timed out after {args.timeout}s", file=sys.stderr)
         return EXIT_TIMEOUT
     if args.json:
         _json(list(jobs.values()))
     ok = all(j.state is JobState.COMPLETED for j in jobs.values())
+    if not ok and bars(args.json or args.quiet):  # a bar shows the state, the lines also said why
+        from whisperctl import render
+
+        for job in jobs.values():
+            if job.state is not JobState.COMPLETED:
+                print(render.job_failed_line(job), file=sys.stderr)
     return EXIT_OK if ok else EXIT_JOB_FAILED
 
 
@@ -220,10 +199,76 @@ def cmd_watch(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_top(client: Client, args: argparse.Namespace) -> int:
+    from whisperctl import top
+
+    return top.run(client, args.interval, args.once, _user_name)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0.0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text} is not above 0")
+    return value
+
+
 def cmd_ping(client: Client, args: argparse.Namespace) -> int:
     pong = client.ping()
     print(f"whisperd {pong.version} (protocol {pong.protocol}) on {client.path}")
     return EXIT_OK
+
+
+def cmd_token_create(client: Client, args: argparse.Namespace) -> int:
+    created = client.token_create(args.user, args.comment)
+    if args.json:
+        _json(created)
+    else:
+        print(created.token)
+    info = created.info
+    print(
+        f"whisperctl: token {info.id} for {printable(info.user)} (uid {info.uid}) made; it is not shown "
+        f"again: keep it now (whisperctl token revoke {info.id} ends it)",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def cmd_token_revoke(client: Client, args: argparse.Namespace) -> int:
+    revoked = client.token_revoke(args.id)
+    user = f" of {printable(revoked.info.user)}" if revoked.info is not None else ""
+    print(f"token {printable(revoked.id)}{user} revoked")
+    return EXIT_OK
+
+
+def cmd_token_list(client: Client, args: argparse.Namespace) -> int:
+    tokens = client.token_list()
+    if args.json:
+        _json(tokens)
+    else:
+        from whisperctl import render
+
+        sys.stdout.write(render.tokens_table(tokens))
+    return EXIT_OK
+
+
+def cmd_completion(client: Client, args: argparse.Namespace) -> int:
+    from whisperctl import completion
+
+    sys.stdout.write(completion.script(build_parser(), args.shell))
+    return EXIT_OK
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,9 +294,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="higher runs first (-1000..1000); above 0 is for root and the daemon's user unless configured",
     )  # fmt: skip
     s.add_argument("--word-timestamps", action="store_true")
-    s.add_argument("--wait", action="store_true", help="wait and print the transcripts")
+    s.add_argument(
+        "--prompt", metavar="TEXT",
+        help="Whisper's initial prompt: names, spellings and style to follow (at most 4096 characters)",
+    )  # fmt: skip
+    s.add_argument(
+        "--temperature", type=_temperature, metavar="T",
+        help="sample at this one temperature, 0..1 (0: greedy, no fallback); default: 0, then higher ones "
+        "where decoding fails",
+    )  # fmt: skip
+    s.add_argument(
+        "--wait", action="store_true",
+        help="wait and print the transcripts; progress on stderr: bars on a terminal, else a line per change",
+    )  # fmt: skip
     s.add_argument("--format", choices=FORMATS, default="txt", help="with --wait")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--quiet", "-q", action="store_true", help="with --wait: no progress on stderr")
     s.set_defaults(func=cmd_submit)
 
     s = command("status", "the queue, like squeue")
@@ -265,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("ids", nargs="+", type=int)
     s.add_argument("--timeout", type=float, help="seconds")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     s.set_defaults(func=cmd_wait)
 
     s = command("result", "print a transcript")
@@ -285,12 +344,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_watch)
 
+    s = command("top", "live view of devices, workers, the queue and throughput (q quits)")
+    s.add_argument(
+        "--interval", type=_positive, default=2.0, metavar="S",
+        help="seconds between refreshes of the counts, and between blocks when not on a terminal",
+    )  # fmt: skip
+    s.add_argument("--once", action="store_true", help="print one plain block and exit")
+    s.set_defaults(func=cmd_top)
+
     s = command("ping", "check the daemon answers")
     s.set_defaults(func=cmd_ping)
+
+    s = command("token", "bearer tokens of the HTTP API (root or the daemon's user only)")
+    token = s.add_subparsers(dest="token_command", required=True)
+
+    def token_command(name: str, text: str) -> argparse.ArgumentParser:
+        return token.add_parser(name, help=text, formatter_class=_HelpFormatter)
+
+    t = token_command("create", "a token acting as a user; printed once")
+    t.add_argument("--user", required=True, metavar="NAME", help="a user of the daemon's machine")
+    t.add_argument("--comment", default="", metavar="TEXT", help="what it is for (at most 256 characters)")
+    t.add_argument("--json", action="store_true", help="print the token and its details as JSON")
+    t.set_defaults(func=cmd_token_create)
+    t = token_command("revoke", "revoke a token by its id")
+    t.add_argument("id")
+    t.set_defaults(func=cmd_token_revoke)
+    t = token_command("list", "the tokens (ids and users, never a secret)")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_token_list)
+
+    s = command("completion", "print the shell completion script (make install installs both)")
+    s.add_argument("shell", choices=["bash", "zsh"])
+    s.set_defaults(func=cmd_completion)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if "__complete" in given[:3]:  # the completion scripts asking for job ids or models: not a command
+        from whisperctl import completion
+
+        return completion.answer(given)
     args = build_parser().parse_args(argv)
     if argv is None:
         # Run as the program: what is loaded by now lives as long as the process, so the collector need not

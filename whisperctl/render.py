@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 import posixpath
+import time
 from collections.abc import Callable, Sequence
 
-import msgspec
-
+# The transcript writers live with the daemon (the HTTP API writes the same subtitles): re-exported here.
+from whisperd.formats import FORMATS as FORMATS
+from whisperd.formats import format_timestamp as format_timestamp
+from whisperd.formats import format_transcript as format_transcript
 from whisperd.jobs import JobState
-from whisperd.protocol import DeviceView, JobView, Segment, StatsView, Transcript, printable
-
-FORMATS = ("txt", "srt", "vtt", "tsv", "json")
+from whisperd.protocol import DeviceView, JobView, StatsView, TokenView, printable
 
 _GIB = 1024**3
 # Lifecycle order, fixed so the summary line reads the same whatever the daemon happens to report.
@@ -23,80 +24,6 @@ _STATE_ORDER = (
     JobState.FAILED,
     JobState.CANCELLED,
 )
-
-
-# ---- transcripts --------------------------------------------------------------------------------------
-
-
-def _millis(seconds: float) -> int:
-    # Half-up, not round(): banker's rounding on a float product turns 1.0005 s into 1.000 s.
-    return max(0, math.floor(seconds * 1000.0 + 0.5))
-
-
-def format_timestamp(seconds: float, decimal: str) -> str:
-    """HH:MM:SS<decimal>mmm, rounded to the millisecond; negative times clamp to zero."""
-    ms = _millis(seconds)
-    hours, ms = divmod(ms, 3_600_000)
-    minutes, ms = divmod(ms, 60_000)
-    secs, ms = divmod(ms, 1000)
-    return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal}{ms:03d}"
-
-
-def _cue_text(segment: Segment) -> str:
-    # "-->" inside a cue would be read as a timing line by subtitle parsers (openai-whisper does the same).
-    return segment.text.strip().replace("-->", "->")
-
-
-def _txt(transcript: Transcript) -> str:
-    return "".join(f"{segment.text.strip()}\n" for segment in transcript.segments)
-
-
-def _srt(transcript: Transcript) -> str:
-    cues = [
-        f"{i}\n{format_timestamp(s.start, ',')} --> {format_timestamp(s.end, ',')}\n{_cue_text(s)}\n"
-        for i, s in enumerate(transcript.segments, start=1)
-    ]
-    return "\n".join(cues)
-
-
-def _vtt(transcript: Transcript) -> str:
-    cues = [
-        f"{format_timestamp(s.start, '.')} --> {format_timestamp(s.end, '.')}\n{_cue_text(s)}\n"
-        for s in transcript.segments
-    ]
-    return "\n".join(["WEBVTT\n", *cues])
-
-
-def _tsv(transcript: Transcript) -> str:
-    # Tabs inside the text would add columns, so they become spaces.
-    rows = [
-        f"{_millis(s.start)}\t{_millis(s.end)}\t{s.text.strip().replace(chr(9), ' ')}\n"
-        for s in transcript.segments
-    ]
-    return "".join(["start\tend\ttext\n", *rows])
-
-
-def _json(transcript: Transcript) -> str:
-    return msgspec.json.format(msgspec.json.encode(transcript), indent=2).decode() + "\n"
-
-
-_WRITERS: dict[str, Callable[[Transcript], str]] = {
-    "txt": _txt,
-    "srt": _srt,
-    "vtt": _vtt,
-    "tsv": _tsv,
-    "json": _json,
-}
-
-
-def format_transcript(transcript: Transcript, fmt: str) -> str:
-    """The transcript as a txt, srt, vtt, tsv or json document, ending with a newline (txt/srt: empty if
-    there are no segments)."""
-    try:
-        writer = _WRITERS[fmt]
-    except KeyError:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}") from None
-    return writer(transcript)
 
 
 # ---- tables -------------------------------------------------------------------------------------------
@@ -220,6 +147,15 @@ def users_table(stats: StatsView, user_name: Callable[[int], str | None]) -> str
         for u in stats.users
     ]
     return _table(["USER", "UID", "QUEUED", "RUNNING", "FINISHED", "SPOOL", "AUDIO DONE"], rows)
+
+
+def tokens_table(tokens: list[TokenView]) -> str:
+    """The HTTP API's tokens: ids and users, never a secret (the daemon has none to send)."""
+    rows = [
+        [t.id, t.user, str(t.uid), time.strftime("%Y-%m-%d %H:%M", time.gmtime(t.created_at)), t.comment]
+        for t in tokens
+    ]
+    return _table(["ID", "USER", "UID", "CREATED (UTC)", "COMMENT"], rows)
 
 
 def stats_text(stats: StatsView, user_name: Callable[[int], str | None] = lambda uid: None) -> str:

@@ -8,7 +8,9 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from whisperd import protocol as p
@@ -19,9 +21,11 @@ from whisperd.errors import StorageError
 from whisperd.estimates import MemoryEstimates, baseline_from_config
 from whisperd.fleet import Fleet
 from whisperd.fleetlink import FleetLink, HostSnapshot, SharedStore
+from whisperd.followers import JobFollowers
 from whisperd.gpupool import DevicePool
 from whisperd.gpuprobe import GpuProbe
 from whisperd.handlers import Handlers
+from whisperd.http_api import api_app
 from whisperd.jobs import JobEvent, JobState
 from whisperd.metrics import FleetCollector, SystemCollector, gpu_collectors
 from whisperd.monitors import Monitors
@@ -29,6 +33,8 @@ from whisperd.outcomes import WorkerOutcomes
 from whisperd.pg_audio import AudioCache
 from whisperd.registry import JobRegistry
 from whisperd.retention import Pruner, Retention
+from whisperd.scheduling import placement_floor_bytes
+from whisperd.segmentfeed import SegmentFeed
 from whisperd.settings import retry_policy, worker_limits
 from whisperd.spool import Spool
 from whisperd.spooling import Spooler
@@ -37,6 +43,7 @@ from whisperd.store import JobRow, Store
 from whisperd.supervisor import Spawner
 from whisperd.telemetry import Telemetry
 from whisperd.threads import DaemonThreadPool
+from whisperd.tokens import TokenBook, tokens_path
 from whisperd.views import Views
 from whisperd.watchers import Watchers
 
@@ -63,6 +70,8 @@ class App:
         self.wakeup = asyncio.Event()
         wake = self.wakeup.set
         self.watchers = Watchers()
+        # Segments of running jobs as they are decoded, to the HTTP API's streams (the outcomes publish them).
+        self.segment_feed = SegmentFeed()
         disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series: noise in every scrape
         self.system_metrics = CollectorRegistry(auto_describe=False)
         self.telemetry = Telemetry(self.system_metrics)
@@ -76,9 +85,16 @@ class App:
             self.telemetry.job_transition(job, old, event)
             self.durability.request()
 
+        self.followers = JobFollowers()  # the HTTP API's requests waiting for their jobs
+
+        def published(view: p.JobView) -> None:
+            self.watchers.publish(p.JobEventReply(job=view))
+            self.followers.publish(view)
+            self.segment_feed.job_changed(view)  # a job that ended ends its streams
+
         self.registry = JobRegistry(
             store, spool, clock, retry_policy(config),
-            publish=lambda view: self.watchers.publish(p.JobEventReply(job=view)),
+            publish=published,
             on_transition=committed, discard=self.durability.discard_when_durable, shared=shared,
             host_id=config.store.host_id if shared is not None else None,
             forget_audio=audio_cache.discard if audio_cache is not None else None,
@@ -90,7 +106,9 @@ class App:
         self.spooler = Spooler(spool, DaemonThreadPool(config.daemon.spool_threads, "spool"))
         self.pool = DevicePool()
         self.spreads = Spreads()  # jobs spread over several workers: the loop places, the outcomes stitch
-        self.outcomes = WorkerOutcomes(self.registry, self.estimates, self.telemetry, wake, self.spreads)
+        self.outcomes = WorkerOutcomes(
+            self.registry, self.estimates, self.telemetry, wake, self.spreads, self.segment_feed
+        )
         w = config.workers
         self.fleet = Fleet(
             self.pool, self.outcomes, wake, clock, spawner,
@@ -110,16 +128,24 @@ class App:
             self.registry, self.fleet, self.pool, self.telemetry, clock,
             others=self.link.others if self.link is not None else None,
             host_id=self.link.host_id if self.link is not None else None,
+            placement_floor=self._placement_floor_bytes,
         )  # fmt: skip
         self.daemon = Daemon(
             config, self.registry, self.fleet, self.pool, probe, self.estimates, self.telemetry,
             self.wakeup, clock, cpu_count or os.cpu_count() or 1, config_loader, nvml=self.nvml,
             spreads=self.spreads, link=self.link,
         )  # fmt: skip
+        # The HTTP API's bearer tokens: http.tokens_file, in the state dir (with none configured, as in
+        # in-process tests, the spool's parent); read again on each SIGHUP.
+        state_dir = Path(config.daemon.state_dir) if config.daemon.state_dir else spool.directory.parent
+        self.tokens = TokenBook(tokens_path(config.http.tokens_file, state_dir))
+        self.daemon.reload_hooks.append(self._reload_tokens)
+        self._spool = spool
+        self._uploads = DaemonThreadPool(4, "upload")  # HTTP uploads written into the spool
         self.handlers = Handlers(
             self.registry, spool, self.fleet, self.views, config=lambda: self.daemon.config,
             is_draining=lambda: self.daemon.draining, wake=wake, daemon_uid=os.geteuid(),
-            spooler=self.spooler, durable=self.durability.durable,
+            spooler=self.spooler, durable=self.durability.durable, tokens=self.tokens,
         )  # fmt: skip
         self.monitors = Monitors(
             probe, self.pool, self.views, self.fleet.abandon_device, self.watchers.publish, nvml=self.nvml
@@ -134,7 +160,30 @@ class App:
             if pruner is not None
             else None
         )
-        self.gpu_metrics = gpu_collectors(self.views, self.pool, probe)
+        self.gpu_metrics = gpu_collectors(self.views, self.pool, probe, self._placement_floor_bytes)
+
+    def http_app(self, with_metrics: bool) -> web.Application:
+        """The HTTP API's application (http.listen); with_metrics: it serves the metrics paths too (both at
+        one address)."""
+        metrics = {"/metrics": self.system_metrics, "/metrics/gpu": self.gpu_metrics}
+        return api_app(
+            self.handlers, self._spool, self._uploads, self.followers, self.segment_feed, self.tokens,
+            lambda: self.daemon.config, os.geteuid(), metrics if with_metrics else None,
+        )  # fmt: skip
+
+    def _reload_tokens(self) -> None:
+        """In a thread: the user database may be a network service (LDAP, sssd). identify() goes on with
+        the old book until the new one replaces it whole."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called off the loop: here and now
+            self.tokens.reload()
+            return
+        loop.run_in_executor(None, self.tokens.reload)
+
+    def _placement_floor_bytes(self, memory_total_bytes: int) -> int:
+        s = self.daemon.config.scheduler  # the running configuration: a reload moves the threshold
+        return placement_floor_bytes(memory_total_bytes, s.min_free_memory_bytes, s.memory_safety_margin)
 
     def snapshot(self) -> list[p.Reply]:
         """What a new watcher is sent first."""
@@ -162,5 +211,6 @@ class App:
     async def drain(self, timeout_s: float) -> None:
         await self.daemon.drain(timeout_s)
         self.watchers.close()
+        self.segment_feed.close()
         with contextlib.suppress(StorageError):  # logged by the flush; the store's close syncs what it can
             await self.durability.durable()  # the last results, and the audio of the jobs they ended removed

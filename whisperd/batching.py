@@ -2,14 +2,14 @@
 
 Each job's audio is cut at silences into windows of at most 30 s (`cut_windows`, a pure function over the
 speech regions a VAD found). The windows of all the jobs that share their decoding options (task, language,
-word timestamps, beam) go to the decoder together, up to the job's `chunk_batch` windows per call, so a batch
-of short clips fills one call and a long recording fills many. As each window is done its job's progress is
-reported; a job whose windows are all done is finished at once, before the others. A cancel is honoured
-between calls: the job is stopped and the others go on without its windows. An out-of-memory error halves the
-chunk batch and goes on with what was not done yet; at one window per call it fails the jobs left, so that
-the daemon places them again with more room. Asked to share a job (workers idle), the worker splits the
-job's windows not yet decoded into contiguous parts of about equal length (`split_windows`), keeps the first
-and reports the others, which the daemon hands to the idle workers."""
+word timestamps, beam, prompt, temperature) go to the decoder together, up to the job's `chunk_batch` windows
+per call, so a batch of short clips fills one call and a long recording fills many. As each window is done its
+job's progress is reported; a job whose windows are all done is finished at once, before the others. A cancel
+is honoured between calls: the job is stopped and the others go on without its windows. An out-of-memory error
+halves the chunk batch and goes on with what was not done yet; at one window per call it fails the jobs left,
+so that the daemon places them again with more room. Asked to share a job (workers idle), the worker splits
+the job's windows not yet decoded into contiguous parts of about equal length (`split_windows`), keeps the
+first and reports the others, which the daemon hands to the idle workers."""
 
 from __future__ import annotations
 
@@ -116,7 +116,13 @@ class Prepared:
 
 
 class Reporter(Protocol):
-    def progress(self, spec: wp.JobSpec, progress: float, duration_s: float) -> None: ...
+    def progress(
+        self, spec: wp.JobSpec, progress: float, duration_s: float, segments: Sequence[Segment] = ()
+    ) -> None:
+        """segments: those decoded since the job's previous report, numbered by their place in its
+        transcript."""
+        ...
+
     def finished(self, spec: wp.JobSpec, transcript: Transcript, processing_s: float) -> None: ...
     def failed(self, spec: wp.JobSpec, exc: Exception) -> None: ...
     def stopped(self, spec: wp.JobSpec) -> None: ...
@@ -180,7 +186,8 @@ def decode_together(
     groups: dict[tuple[object, ...], list[Prepared]] = {}
     for job in jobs:
         s = job.spec
-        groups.setdefault((s.task, job.info.language, s.word_timestamps, s.beam_size), []).append(job)
+        key = (s.task, job.info.language, s.word_timestamps, s.beam_size, s.prompt, s.temperature)
+        groups.setdefault(key, []).append(job)
     for group in groups.values():
         _decode_group(decoder, model, group, report, is_cancelled, clean, share_request)
 
@@ -249,24 +256,21 @@ def _complete(
     report: Reporter,
     clean: Callable[[Segment, float], Segment],
 ) -> None:
-    """Window k of a job is decoded: the job keeps its segments, reports progress, or finishes if it was
-    its last window."""
+    """Window k of a job is decoded: the job keeps its segments, reports progress with them, or finishes if
+    it was its last window (its last segments go with its transcript)."""
     job, k = item
     if job.ended:
         return
+    first = len(job.segments)
     for segment in segments:
         kept = clean(segment, job.segments[-1].end if job.segments else 0.0)
-        job.segments.append(
-            Segment(
-                id=len(job.segments) + 1, start=kept.start, end=kept.end, text=kept.text, words=kept.words
-            )
-        )
+        job.segments.append(msgspec.structs.replace(kept, id=len(job.segments) + 1))  # its place, from 1
     job.done = k + 1
     if job.done == len(job.windows):
         _finish(job, report)
     elif job.info.duration_s > 0:
         progress = min(99.9, max(0.0, 100.0 * job.windows[k][1] / job.info.duration_s))
-        report.progress(job.spec, progress, job.info.duration_s)
+        report.progress(job.spec, progress, job.info.duration_s, job.segments[first:])
 
 
 def _finish(job: Prepared, report: Reporter) -> None:

@@ -14,7 +14,7 @@ from whisperd.app import App
 from whisperd.config import load_config
 from whisperd.errors import ConfigError, WhisperdError
 from whisperd.gpuprobe import NvmlProbe
-from whisperd.metrics_http import metrics_server
+from whisperd.metrics_http import HttpServer, metrics_server
 from whisperd.pg_audio import AudioCache
 from whisperd.pg_retention import PgPruner
 from whisperd.pg_store import PgStore
@@ -118,8 +118,16 @@ async def serve(config_path: Path | None, log_level: str | None) -> int:
             config_loader=lambda: load_config(config_path), pruner=SqlitePruner(sqlite.path),
         )  # fmt: skip
     app.daemon.install_signal_handlers()
+    # The HTTP API at the metrics' address: one server serves both (the metrics paths without a token).
+    http_listen = config.http.listen
+    shared_address = bool(http_listen) and config.metrics.enabled and http_listen == config.metrics.listen
     metrics = metrics_server(
         {"/metrics": app.system_metrics, "/metrics/gpu": app.gpu_metrics}, config.metrics
+    )
+    api = (
+        HttpServer(app.http_app(shared_address), config.http, "HTTP API", handler_cancellation=True)
+        if http_listen
+        else None
     )
     server = ControlServer(
         app.handlers, app.watchers, app.snapshot, config.daemon.max_request_bytes,
@@ -133,8 +141,10 @@ async def serve(config_path: Path | None, log_level: str | None) -> int:
         sock = bind_socket(socket_path, config.daemon.socket_mode)  # refuses if another daemon answers there
     background: list[asyncio.Task[None]] = []
     try:
-        if config.metrics.enabled:
+        if config.metrics.enabled and not shared_address:
             await metrics.start(config.metrics.listen)  # a taken port is retried in the background
+        if api is not None:
+            await api.start(http_listen)  # likewise
         notifier.status("recovering the queue and starting workers")
         await app.daemon.start()
         await server.start(sock)
@@ -147,11 +157,15 @@ async def serve(config_path: Path | None, log_level: str | None) -> int:
         await app.run()
         notifier.stopping(f"draining: {status_line(app.views)}")
         await server.stop_accepting()
+        if api is not None:
+            api.stop_accepting()  # requests already in go on while running jobs finish
         await app.drain(app.daemon.config.daemon.drain_timeout_s)
     finally:
         for task in background:
             task.cancel()
         await metrics.close()
+        if api is not None:
+            await api.close()  # a request still waiting for its job: its client is cut, its job cancelled
         await server.close()
         store.close()
         if owns_socket:

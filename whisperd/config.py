@@ -126,6 +126,25 @@ class MetricsConfig(_Section):
     bind_retry_interval_s: Positive = 5.0  # while the address is taken (or cannot be bound), retry this often
 
 
+class HttpConfig(_Section):
+    # host:port of the HTTP API (OpenAI-compatible /v1/audio/..., /v1/models, /v1/whisperd/jobs:
+    # docs/http.md); empty: off. Loopback unless you say otherwise. WHISPERD_HTTP_ADDR sets it. At
+    # metrics.listen's address one server serves both.
+    listen: str = ""
+    # Bearer tokens (hashed) mapped to users: `whisperctl token create --user NAME` adds one; re-read on
+    # SIGHUP. Empty: http-tokens in the state dir (where a relative path is taken too).
+    tokens_file: str = ""
+    # A request without a token from 127.0.0.1 or ::1 runs as anonymous_user (its limits, its jobs);
+    # otherwise such a request is answered 401.
+    allow_anonymous_loopback: bool = False
+    anonymous_user: str = "nobody"
+    max_upload_bytes: PositiveInt = 1 * GIB  # a larger upload is refused (413) while it streams
+    upload_timeout_s: Positive = 600.0  # an upload not received in full by then is refused (408)
+    max_connections: PositiveInt = 256  # open HTTP connections at once; more are answered 503 and closed
+    idle_timeout_s: Positive = 60.0  # a connection without a request for this long is closed
+    bind_retry_interval_s: Positive = 5.0  # while the address is taken (or cannot be bound), retry this often
+
+
 class TranscribeConfig(_Section):
     default_model: str = "tiny.en"
     beam_size: PositiveInt = 5
@@ -195,6 +214,7 @@ class Config(_Section):
     workers: WorkersConfig = msgspec.field(default_factory=WorkersConfig)
     gpu: GpuConfig = msgspec.field(default_factory=GpuConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     transcribe: TranscribeConfig = msgspec.field(default_factory=TranscribeConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
@@ -265,6 +285,7 @@ def load_config(path: Path | None) -> Config:
     config.daemon.socket_path = str(resolve_socket_path(config.daemon.socket_path))
     config.daemon.state_dir = str(resolve_state_dir(config.daemon.state_dir))
     config.metrics.listen = os.environ.get("WHISPERD_METRICS_ADDR") or config.metrics.listen
+    config.http.listen = os.environ.get("WHISPERD_HTTP_ADDR") or config.http.listen
     config.store.url = os.environ.get("WHISPERD_STORE_URL") or config.store.url
     if config.store.shared:
         check_store_url(config.store.url)
@@ -312,6 +333,11 @@ RESTART_ONLY = (
     "storage.busy_timeout_s",
     "gpu",
     "metrics",
+    "http.listen",
+    "http.tokens_file",
+    "http.max_connections",
+    "http.idle_timeout_s",
+    "http.bind_retry_interval_s",
 )
 
 

@@ -75,6 +75,9 @@ class Daemon:
         self._stop = asyncio.Event()
         self.draining = False
         self._tidying: asyncio.Task[None] | None = None
+        # Run after each reload (SIGHUP), whatever became of the configuration: what else SIGHUP re-reads
+        # (the HTTP API's tokens), wired by app.py so that the daemon needs to know none of it.
+        self.reload_hooks: list[Callable[[], None]] = []
 
     async def start(self) -> None:
         """Recover the queue, read the devices, start the workers and wait until they are up."""
@@ -131,6 +134,14 @@ class Daemon:
         self._wakeup.set()
 
     def reload(self) -> None:
+        """SIGHUP: the configuration, then the reload hooks."""
+        try:
+            self._reload_config()
+        finally:
+            for hook in self.reload_hooks:
+                hook()
+
+    def _reload_config(self) -> None:
         """Apply what can change in a running daemon; say what needs a restart."""
         if self._config_loader is None:
             log.warning("SIGHUP: no configuration file to reload")

@@ -53,6 +53,24 @@ class InvalidAudio(WhisperdError):
     code = "invalid_audio"
 
 
+class AudioTooLarge(InvalidAudio):
+    """An upload over the size or duration limit, refused while it streams (HTTP 413)."""
+
+    code = "audio_too_large"
+
+
+class Unauthorized(WhisperdError):
+    """An HTTP request without a valid bearer token (the socket's callers are known by their uid)."""
+
+    code = "unauthorized"
+
+
+class JobFailed(WhisperdError):
+    """A job an HTTP request waited for ended FAILED or CANCELLED: its error, as the request's answer."""
+
+    code = "job_failed"
+
+
 class QueueFull(WhisperdError):
     code = "queue_full"
 

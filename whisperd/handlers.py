@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import shutil
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,7 @@ from whisperd import protocol as p
 from whisperd.config import Config, DaemonConfig
 from whisperd.errors import (
     BadRequest,
+    NotFound,
     NotReady,
     PermissionDenied,
     QueueFull,
@@ -32,7 +34,10 @@ from whisperd.spool import Spool
 from whisperd.spooling import Spooler
 from whisperd.store import JobRow, NewJob
 from whisperd.threads import DaemonThreadPool
+from whisperd.tokens import TokenBook, TokenInfo
 from whisperd.views import Views
+
+log = logging.getLogger("whisperd")
 
 
 class Caller(msgspec.Struct, frozen=True):
@@ -72,10 +77,12 @@ class Handlers:
         spooler: Spooler | None = None,
         free_bytes: Callable[[], int] | None = None,
         durable: Callable[[], Awaitable[None]] | None = None,
+        tokens: TokenBook | None = None,
     ) -> None:
         """config: the running configuration, read afresh per request (a reload replaces it). spooler: copies
         audio into the spool in threads of its own (None: a pool of the default daemon.spool_threads).
-        durable: returns once every commit so far is durable (GroupCommit.durable; None: none waited for)."""
+        durable: returns once every commit so far is durable (GroupCommit.durable; None: none waited for).
+        tokens: the HTTP API's bearer tokens, which privileged callers manage (None: none kept)."""
         self._registry = registry
         self._spool = spool
         self._spooler = spooler or Spooler(spool, DaemonThreadPool(DaemonConfig().spool_threads, "spool"))
@@ -88,6 +95,7 @@ class Handlers:
         self._wake = wake
         self._uid = daemon_uid
         self._durable = durable or _nothing_to_wait_for
+        self._tokens = tokens
         self._table: dict[type[Any], Callable[[Any, Caller, list[int]], Awaitable[p.Reply]]] = {
             p.Ping: self.ping,
             p.Submit: self.submit,
@@ -96,16 +104,41 @@ class Handlers:
             p.Result: self.result,
             p.Gpu: self.gpu,
             p.Stats: self.stats,
+            p.TokenCreate: self.token_create,
+            p.TokenRevoke: self.token_revoke,
+            p.TokenList: self.token_list,
         }
 
     async def handle(self, request: p.Request, caller: Caller, fds: list[int]) -> p.Reply:
         return await self._table[type(request)](request, caller, fds)
 
     async def ping(self, request: p.Ping, caller: Caller, fds: list[int]) -> p.Reply:
-        return p.Pong(version=__version__)
+        return p.Pong(version=__version__, models=sorted(self._config().models))
 
     async def submit(self, request: p.Submit, caller: Caller, fds: list[int]) -> p.Reply:
         config = self._config()
+        model = self.check_submit(request, caller, config)
+        sources: list[tuple[int, bool]] = []
+        copies: dict[int, tuple[str, int]] = {}  # file's index -> its spool path and size, as they finish
+        try:
+            for f in request.files:
+                sources.append(self._open(f, caller, fds))
+            try:
+                await self._copy_all([fd for fd, _owned in sources], request.files, caller, config, copies)
+            except BaseException:
+                for path, _size in copies.values():
+                    self._spool.discard(path)
+                raise
+        finally:
+            for fd, owned in sources:
+                if owned:
+                    os.close(fd)
+        records = await self.accept(request, caller, model, [copies[i] for i in range(len(request.files))])
+        return p.Jobs(jobs=[r.view() for r in records])
+
+    def check_submit(self, request: p.Submit, caller: Caller, config: Config) -> str:
+        """What refuses a submit before any audio is read (the HTTP API asks before it reads an upload);
+        returns the model the jobs will use."""
         if self._is_draining():
             raise ShuttingDown("whisperd is shutting down and accepts no new work")
         self._check_free_space(config.storage.min_free_bytes)
@@ -120,47 +153,44 @@ class Handlers:
         if self._registry.waiting_count() + len(request.files) > limit:
             raise QueueFull(f"the queue is at its limit of {limit} jobs; try again later")
         self._check_user_limits(caller, config, len(request.files), len(request.files))  # audio: >= 1 byte
-        sources: list[tuple[int, bool]] = []
-        copies: dict[int, tuple[str, int]] = {}  # file's index -> its spool path and size, as they finish
-        spooled: list[str] = []
+        return model
+
+    async def accept(
+        self, request: p.Submit, caller: Caller, model: str, spooled: list[tuple[str, int]]
+    ) -> list[JobRow]:
+        """Queue the spooled files (spool path, bytes) of a submit checked by check_submit (which gave the
+        model), one job each, as the caller; returns the jobs as committed, once durable. The spool files
+        are the jobs' from here: discarded if refused."""
         try:
-            for f in request.files:
-                sources.append(self._open(f, caller, fds))
-            try:
-                await self._copy_all([fd for fd, _owned in sources], request.files, caller, config, copies)
-            finally:
-                spooled = [path for path, _size in copies.values()]
-            paths = [copies[i][0] for i in range(len(request.files))]
-            sizes = {i: copies[i][1] for i in range(len(request.files))}
-            # No await from here to the commit, so what others submitted meanwhile is counted (with a shared
-            # store the insert itself is awaited, and the limits are the fleet's as of its last heartbeat).
+            config = self._config()
+            limit = config.daemon.max_queued_jobs
             if self._registry.waiting_count() + len(request.files) > limit:  # others submitted meanwhile
                 raise QueueFull(f"the queue is at its limit of {limit} jobs; try again later")
+            paths = [path for path, _size in spooled]
+            sizes = {i: size for i, (_path, size) in enumerate(spooled)}
+            # No await from here to the commit, so what others submitted meanwhile is counted (with a shared
+            # store the insert itself is awaited, and the limits are the fleet's as of its last heartbeat).
             self._check_user_limits(caller, config, len(request.files), sum(sizes.values()))
             new_jobs = [
                 NewJob(
                     spool_path=path, spool_bytes=sizes[i], filename=f.name, owner_uid=caller.uid, model=model,
                     language=request.language, task=request.task, priority=request.priority,
-                    word_timestamps=request.word_timestamps,
+                    word_timestamps=request.word_timestamps, prompt=request.prompt or None,
+                    temperature=request.temperature,
                 )
                 for i, (path, f) in enumerate(zip(paths, request.files, strict=True))
             ]  # fmt: skip
             records = await self._registry.submit(new_jobs)
         except BaseException:
-            for path in spooled:
+            for path, _size in spooled:
                 self._spool.discard(path)
             raise
-        finally:
-            for fd, owned in sources:
-                if owned:
-                    os.close(fd)
-        reply = p.Jobs(jobs=[r.view() for r in records])  # as committed: they may be dispatched meanwhile
         self._wake()
         # No reply before the jobs are durable (one flush shared with every submit meanwhile). If the flush
         # fails the caller gets its storage error, though the jobs are committed: they stay queued and run,
         # but the caller never learns their ids (docs/architecture.md, the walk of a job).
         await self._durable()
-        return reply
+        return records
 
     async def _copy_all(
         self,
@@ -303,10 +333,43 @@ class Handlers:
         if transcript is None:
             detail = f": {job.error}" if job.error else ""
             raise NotReady(f"job {job.id} is {job.state}{detail}")
-        return p.ResultReply(job=job.view(), transcript=transcript)
+        return p.ResultReply(job=job.view(), transcript=transcript, prompt=job.prompt)
 
     async def gpu(self, request: p.Gpu, caller: Caller, fds: list[int]) -> p.Reply:
         return p.Devices(devices=self._views.fleet_devices())
 
     async def stats(self, request: p.Stats, caller: Caller, fds: list[int]) -> p.Reply:
         return p.StatsReply(stats=self._views.stats())
+
+    # ---- HTTP API tokens: a token acts as its user, so only privileged callers make, revoke or list them
+
+    def _token_book(self, caller: Caller, doing: str) -> TokenBook:
+        if not is_privileged(caller.uid, self._uid):
+            raise PermissionDenied(f"only root or the daemon's user may {doing} HTTP API tokens")
+        if self._tokens is None:
+            raise BadRequest("this daemon keeps no HTTP API tokens")
+        return self._tokens
+
+    async def token_create(self, request: p.TokenCreate, caller: Caller, fds: list[int]) -> p.Reply:
+        book = self._token_book(caller, "create")
+        # In a thread: the user database may be a network service (LDAP, sssd), and the file is fsynced.
+        token, info = await asyncio.to_thread(book.create, request.user, request.comment)
+        log.info("HTTP API token %s made for %s (uid %d) by uid %d", info.id, info.user, info.uid, caller.uid)
+        return p.TokenCreated(token=token, info=_token_view(info))
+
+    async def token_revoke(self, request: p.TokenRevoke, caller: Caller, fds: list[int]) -> p.Reply:
+        book = self._token_book(caller, "revoke")
+        info = book.get(request.id)
+        if not await asyncio.to_thread(book.revoke, request.id):
+            raise NotFound(f"no HTTP API token {p.printable(request.id)!r} (`whisperctl token list`)")
+        log.info("HTTP API token %s revoked by uid %d", request.id, caller.uid)
+        return p.TokenRevoked(id=request.id, info=_token_view(info) if info is not None else None)
+
+    async def token_list(self, request: p.TokenList, caller: Caller, fds: list[int]) -> p.Reply:
+        return p.Tokens(tokens=[_token_view(info) for info in self._token_book(caller, "list").tokens()])
+
+
+def _token_view(info: TokenInfo) -> p.TokenView:
+    return p.TokenView(
+        id=info.id, user=info.user, uid=info.uid, created_at=info.created_at, comment=info.comment
+    )

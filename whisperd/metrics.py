@@ -160,10 +160,15 @@ class FleetCollector(Collector):
 class GpuCollector(Collector):
     """Per-GPU figures from the latest NVML reading and whisperd's reservations."""
 
-    def __init__(self, views: Views, pool: DevicePool, probe: GpuProbe) -> None:
+    def __init__(
+        self, views: Views, pool: DevicePool, probe: GpuProbe, floor: Callable[[int], int] | None = None
+    ) -> None:
+        """floor: the available memory a GPU of that total needs for any batch (scheduling's rule under the
+        running configuration; None: no such series)."""
         self._views = views
         self._pool = pool
         self._probe = probe
+        self._floor = floor
 
     def collect(self) -> Iterator[Metric]:
         labels = ["gpu", "uuid"]
@@ -188,6 +193,12 @@ class GpuCollector(Collector):
             "temp": GaugeMetricFamily("whisperd_gpu_temperature_celsius", "GPU temperature", labels=labels),
             "power": GaugeMetricFamily("whisperd_gpu_power_watts", "GPU power draw", labels=labels),
             "batches": GaugeMetricFamily("whisperd_gpu_running_batches", "Batches running", labels=labels),
+            "floor": GaugeMetricFamily(
+                "whisperd_gpu_memory_placement_threshold_bytes",
+                "Available memory a GPU needs before whisperd places any batch on it: the larger of "
+                "scheduler.min_free_memory_bytes and scheduler.memory_safety_margin of its total",
+                labels=labels,
+            ),
         }
         info = InfoMetricFamily("whisperd_gpu", "The GPU and its driver", labels=labels)
         for view in self._views.devices():
@@ -197,6 +208,8 @@ class GpuCollector(Collector):
             families["up"].add_metric(key, int(view.healthy))
             families["reserved"].add_metric(key, view.memory_reserved_bytes)
             families["batches"].add_metric(key, view.running_batches)
+            if self._floor is not None and view.memory_total_bytes is not None:
+                families["floor"].add_metric(key, self._floor(view.memory_total_bytes))
             for name, value in (
                 ("util", view.utilization_ratio), ("total", view.memory_total_bytes),
                 ("used", view.memory_used_bytes), ("free", view.memory_free_bytes),
@@ -212,8 +225,10 @@ class GpuCollector(Collector):
         yield from families.values()
 
 
-def gpu_collectors(views: Views, pool: DevicePool, probe: GpuProbe) -> CollectorRegistry:
+def gpu_collectors(
+    views: Views, pool: DevicePool, probe: GpuProbe, floor: Callable[[int], int] | None = None
+) -> CollectorRegistry:
     """What `/metrics/gpu` serves."""
     collectors = CollectorRegistry(auto_describe=False)
-    collectors.register(GpuCollector(views, pool, probe))
+    collectors.register(GpuCollector(views, pool, probe, floor))
     return collectors

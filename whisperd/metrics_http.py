@@ -18,13 +18,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from whisperd.config import MetricsConfig
 from whisperd.errors import ConfigError
 
 log = logging.getLogger("whisperd.metrics")
@@ -63,6 +62,13 @@ def format_address(host: str, port: int) -> str:
 
 def metrics_app(routes: dict[str, CollectorRegistry]) -> web.Application:
     """GET and HEAD of each path: its registry in Prometheus's text format."""
+    app = web.Application()
+    add_metrics_routes(app, routes)
+    return app
+
+
+def add_metrics_routes(app: web.Application, routes: dict[str, CollectorRegistry]) -> None:
+    """The metrics paths on an application (the HTTP API's too, when both share an address)."""
 
     def serve(registry: CollectorRegistry) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handler(request: web.Request) -> web.Response:
@@ -70,10 +76,8 @@ def metrics_app(routes: dict[str, CollectorRegistry]) -> web.Application:
 
         return handler
 
-    app = web.Application()
     for path, registry in routes.items():
         app.router.add_get(path, serve(registry))  # HEAD too
-    return app
 
 
 class _Refused(asyncio.Protocol):
@@ -99,13 +103,35 @@ class _CountedHandler(web.RequestHandler):
             self._on_lost()
 
 
-class HttpServer:
-    """Serves an aiohttp application with the limits above; owns the listening socket and its retries."""
+class ServerLimits(Protocol):
+    """What a server's section of the configuration says of its connections ([metrics], [http])."""
 
-    def __init__(self, app: web.Application, settings: MetricsConfig) -> None:
+    @property
+    def max_connections(self) -> int: ...
+    @property
+    def idle_timeout_s(self) -> float: ...
+    @property
+    def bind_retry_interval_s(self) -> float: ...
+
+
+class HttpServer:
+    """Serves an aiohttp application with the limits above; owns the listening socket and its retries.
+    name: what it serves, for its log lines; handler_cancellation: a request's handler is cancelled when
+    its client goes away (the API cancels the client's job then; a scrape has nothing to undo)."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        settings: ServerLimits,
+        name: str = "metrics",
+        handler_cancellation: bool = False,
+    ) -> None:
         self._app = app
         self._settings = settings
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        self.name = name
+        self._runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=1.0, handler_cancellation=handler_cancellation
+        )
         self._server: asyncio.Server | None = None
         self._retry: asyncio.Task[None] | None = None
         self._open = 0  # connections accepted and not yet lost
@@ -123,9 +149,10 @@ class HttpServer:
             await self._bind(host, port)
         except OSError as exc:
             log.warning(
-                "cannot serve metrics on %s: %s; whisperd runs on without metrics and tries again every "
-                "%g s (the scrape fails meanwhile, so Prometheus's WhisperdDown alert fires)",
-                address, exc.strerror or exc, self._settings.bind_retry_interval_s,
+                "cannot serve %s on %s: %s; whisperd runs on without it and tries again every %g s%s",
+                self.name, address, exc.strerror or exc, self._settings.bind_retry_interval_s,
+                " (the scrape fails meanwhile, so Prometheus's WhisperdDown alert fires)"
+                if self.name == "metrics" else "",
             )  # fmt: skip
             self._retry = asyncio.create_task(self._retry_bind(host, port))
 
@@ -135,7 +162,8 @@ class HttpServer:
         bound_host, bound_port = self._server.sockets[0].getsockname()[:2]
         self.bound = (bound_host, bound_port)
         where = format_address(bound_host, bound_port)
-        log.info("metrics on http://%s/metrics and /metrics/gpu", where)
+        paths = sorted({r.resource.canonical for r in self._app.router.routes() if r.resource is not None})
+        log.info("%s on http://%s%s", self.name, where, " and ".join(paths[:8]))  # tests read the port
 
     async def _retry_bind(self, host: str, port: int) -> None:
         while True:
@@ -144,7 +172,7 @@ class HttpServer:
                 await self._bind(host, port)
                 return
             except OSError as exc:
-                log.debug("metrics address %s still unavailable: %s", format_address(host, port), exc)
+                log.debug("%s address %s still unavailable: %s", self.name, format_address(host, port), exc)
 
     def _protocol(self) -> asyncio.BaseProtocol:
         manager = self._runner.server
@@ -165,8 +193,15 @@ class HttpServer:
         now = time.monotonic()
         if now - self._last_refusal_log >= _REFUSAL_LOG_INTERVAL_S:
             self._last_refusal_log = now
-            log.warning("metrics: %d connections open, the most allowed (metrics.max_connections): "
-                        "refusing more", self._open)  # fmt: skip
+            log.warning("%s: %d connections open, the most allowed (%s.max_connections): refusing more",
+                        self.name, self._open, "metrics" if self.name == "metrics" else "http")  # fmt: skip
+
+    def stop_accepting(self) -> None:
+        """No new connections (a drain); the open ones are answered until close()."""
+        if self._retry is not None:
+            self._retry.cancel()
+        if self._server is not None:
+            self._server.close()
 
     @property
     def open_connections(self) -> int:
@@ -186,5 +221,5 @@ class HttpServer:
                 await self._server.wait_closed()
 
 
-def metrics_server(routes: dict[str, CollectorRegistry], settings: MetricsConfig) -> HttpServer:
+def metrics_server(routes: dict[str, CollectorRegistry], settings: ServerLimits) -> HttpServer:
     return HttpServer(metrics_app(routes), settings)

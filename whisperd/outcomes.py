@@ -10,6 +10,7 @@ from whisperd import workerproto as wp
 from whisperd.estimates import MemoryEstimates
 from whisperd.jobs import JobEvent, JobState
 from whisperd.registry import JobRegistry
+from whisperd.segmentfeed import SegmentFeed
 from whisperd.spreads import Part, Spread, Spreads
 from whisperd.store import JobRow
 from whisperd.telemetry import Telemetry
@@ -31,12 +32,15 @@ class WorkerOutcomes:
         telemetry: Telemetry,
         wake: Callable[[], None],
         spreads: Spreads | None = None,
+        segments: SegmentFeed | None = None,
     ) -> None:
+        """segments: where the segments of running jobs go as they are decoded (None: nowhere)."""
         self._registry = registry
         self._estimates = estimates
         self._telemetry = telemetry
         self._wake = wake
         self._spreads = spreads or Spreads()
+        self._segments = segments if segments is not None else SegmentFeed()
 
     def _processing_job(self, worker_id: str, job_id: int) -> JobRow | None:
         """The live job a report is about, if it is still PROCESSING on that worker (not cancelled since)."""
@@ -55,10 +59,13 @@ class WorkerOutcomes:
         if isinstance(message, wp.Progress):
             first = job.audio_duration_s is None
             self._registry.set_progress(job, message.progress, message.audio_duration_s)
+            if message.segments:
+                self._segments.publish(job.id, message.segments)
             if first:  # its length known: idle workers may now share it (spreads.py)
                 self._wake()
         elif isinstance(message, wp.Finished):
             duration_s = message.transcript.duration_s
+            self._segments.finish(job.id, message.transcript)  # before the transition, which ends its feed
             # A commit the store refuses keeps the transcript in memory until a later round commits it.
             self._registry.apply_or_defer(
                 job, JobEvent.COMPLETE, transcript=message.transcript, audio_duration_s=duration_s
@@ -92,6 +99,7 @@ class WorkerOutcomes:
             if spread.complete():
                 transcript = spread.stitched()
                 self._spreads.forget(job.id)
+                self._segments.finish(job.id, transcript)  # the parts' segments were not published
                 self._registry.apply_or_defer(
                     job, JobEvent.COMPLETE, transcript=transcript, audio_duration_s=transcript.duration_s
                 )

@@ -46,7 +46,7 @@ SELECT_ROW = f"SELECT {', '.join(ROW_COLUMNS)} FROM jobs"  # never the transcrip
 _VIEW_COLUMNS = (
     "id", "state", "progress", "retries", "device", "worker", "model", "language", "task", "priority",
     "word_timestamps", "error", "filename", "owner_uid", "audio_duration_s", "created_at", "updated_at",
-    "started_at", "finished_at", "host",
+    "started_at", "finished_at", "host", "temperature",
 )  # fmt: skip
 SELECT_VIEW = f"SELECT {', '.join(_VIEW_COLUMNS)} FROM jobs"
 _STATES = {s.value: s for s in JobState}
@@ -84,12 +84,12 @@ def job_views(rows: Iterable[Sequence[Any]]) -> list[JobView]:
             model=model, language=language, task=task, priority=priority, word_timestamps=word_timestamps,
             error=error, filename=filename, owner_uid=owner_uid, audio_duration_s=audio_duration_s,
             created_at=created_at, updated_at=updated_at, started_at=started_at, finished_at=finished_at,
-            host=host,
+            host=host, temperature=temperature,
         )
         for (
             id_, state, progress, retries, device, worker, model, language, task, priority, word_timestamps,
             error, filename, owner_uid, audio_duration_s, created_at, updated_at, started_at, finished_at,
-            host,
+            host, temperature,
         ) in rows
     ]  # fmt: skip
 
@@ -168,12 +168,12 @@ def insert_jobs(
         for job in new_jobs:
             stored = conn.execute(
                 "INSERT INTO jobs (state, model, language, task, priority, word_timestamps, filename,"
-                " owner_uid, submit_host, spool_path, spool_bytes, created_at, updated_at, queued_at)"
-                f" VALUES ({', '.join(['%s'] * 14)}) RETURNING {', '.join(ROW_COLUMNS)}",
+                " owner_uid, submit_host, spool_path, spool_bytes, created_at, updated_at, queued_at, prompt,"
+                f" temperature) VALUES ({', '.join(['%s'] * 16)}) RETURNING {', '.join(ROW_COLUMNS)}",
                 (
                     JobState.PENDING.value, job.model, job.language, job.task, job.priority,
                     job.word_timestamps, job.filename, job.owner_uid, host, job.spool_path, job.spool_bytes,
-                    now, now, now,
+                    now, now, now, job.prompt, job.temperature,
                 ),
             ).fetchone()  # fmt: skip
             assert stored is not None

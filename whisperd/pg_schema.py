@@ -111,6 +111,14 @@ CREATE TABLE user_turns (
 );
 """,
     ),
+    (
+        3,
+        """
+-- A job's decoding options, as submitted (NULL: faster-whisper's defaults): Whisper's initial prompt and
+-- one sampling temperature (no fallback schedule).
+ALTER TABLE jobs ADD COLUMN prompt text, ADD COLUMN temperature double precision;
+""",
+    ),
 )
 LATEST = MIGRATIONS[-1][0]
 

@@ -15,7 +15,7 @@ import msgspec
 from whisperd.errors import BadRequest, ProtocolError, RequestTooLarge, UnknownOp
 from whisperd.jobs import JobState
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 Task = Literal["transcribe", "translate"]
 
 # ---- request bounds (docs/protocol.md, "limits"): what one request may ask for, so that no request costs
@@ -28,14 +28,22 @@ MAX_LANGUAGE_CHARS = 16
 MAX_FILES_PER_SUBMIT = 1000
 MAX_IDS_PER_REQUEST = 10_000
 MAX_STATUS_LIMIT = 10_000
+# An initial prompt: Whisper reads only its last 223 tokens (half its context), so more is only cost.
+MAX_PROMPT_CHARS = 4096
 # C0 and C1 controls, DEL and the Unicode line separators: a name is shown in terminals and log lines.
-_NO_CONTROLS = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"
-_NO_NUL = r"^[^\x00]*$"
-_LANGUAGE = "^[a-z][a-z-]*$"
+# \Z, not $: $ also matches before a final newline, which would let "name\n" through
+_NO_CONTROLS = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*\Z"
+_NO_NUL = r"^[^\x00]*\Z"
+_LANGUAGE = r"^[a-z][a-z-]*\Z"
+# A user name is one field of a line in the token file: no spaces either. \Z, not $: $ lets a final "\n" by.
+_USER_NAME = r"^[^\s\x00-\x1f\x7f-\x9f]+\Z"
+_ONE_LINE = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*\Z"
 _PATTERN_WORDS = {
     _NO_CONTROLS: "without control characters",
     _NO_NUL: "without NUL bytes",
     _LANGUAGE: "of lowercase letters and '-' (a language code such as \"en\")",
+    _USER_NAME: "without spaces or control characters",
+    _ONE_LINE: "without control characters",
 }
 
 JobId = Annotated[int, msgspec.Meta(ge=1, le=MAX_JOB_ID)]
@@ -44,6 +52,14 @@ Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS, pattern=_NO_CONTRO
 FilePath = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS, pattern=_NO_NUL)]
 ModelName = Annotated[str, msgspec.Meta(max_length=MAX_MODEL_CHARS, pattern=_NO_CONTROLS)]
 Language = Annotated[str, msgspec.Meta(max_length=MAX_LANGUAGE_CHARS, pattern=_LANGUAGE)]
+Prompt = Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS, pattern=_NO_NUL)]
+Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+MAX_USER_CHARS = 256
+MAX_TOKEN_COMMENT_CHARS = 256
+MAX_TOKEN_ID_CHARS = 64
+UserName = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_USER_CHARS, pattern=_USER_NAME)]
+TokenComment = Annotated[str, msgspec.Meta(max_length=MAX_TOKEN_COMMENT_CHARS, pattern=_ONE_LINE)]
+TokenId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TOKEN_ID_CHARS, pattern=_ONE_LINE)]
 
 
 # ---- shared payloads ---------------------------------------------------------------------------------
@@ -62,6 +78,14 @@ class Segment(msgspec.Struct, forbid_unknown_fields=False):
     end: float
     text: str
     words: list[Word] | None = None
+    # The decoder's figures (OpenAI's verbose_json reports them): absent from transcripts stored before
+    # they were kept, None from a decoder that gives none. Token ids are not kept (they would double a
+    # transcript's size).
+    seek: int = 0  # where the decoder's 30 s window started, in frames of 10 ms
+    temperature: float | None = None  # of the decoding pass whose text was kept (fallbacks raise it)
+    avg_logprob: float | None = None
+    compression_ratio: float | None = None
+    no_speech_prob: float | None = None
 
 
 class Transcript(msgspec.Struct, forbid_unknown_fields=False):
@@ -93,6 +117,9 @@ class JobView(msgspec.Struct, kw_only=True, omit_defaults=True):  # host only wh
     started_at: float | None
     finished_at: float | None
     host: str | None = None  # the host running it, with a shared store (several hosts, one queue)
+    # The sampling temperature asked for (None: faster-whisper's fallback schedule). The prompt is not
+    # here: every caller sees the queue, and a prompt is the submitter's text (ResultReply carries it).
+    temperature: float | None = None
 
 
 class DeviceView(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -111,6 +138,9 @@ class DeviceView(msgspec.Struct, kw_only=True, omit_defaults=True):
     workers: int
     running_batches: int
     host: str | None = None  # with a shared store: the host it belongs to
+    # A GPU's placement threshold: with less available than this, no batch is placed on it (the running
+    # configuration's min_free_memory_bytes and memory_safety_margin); None for the CPU
+    placement_floor_bytes: int | None = None
 
 
 class WorkerView(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -147,6 +177,16 @@ class StatsView(msgspec.Struct, kw_only=True):
     users: list[UserStatsView] = []  # by uid; absent from daemons older than it
 
 
+class TokenView(msgspec.Struct, kw_only=True):
+    """An HTTP API token as it may be shown: never its secret, nor its hash."""
+
+    id: str  # public: names the token (whisperctl token revoke ID)
+    user: str  # the user of this machine it acts as
+    uid: int
+    created_at: float  # unix seconds
+    comment: str
+
+
 class ErrorBody(msgspec.Struct):
     code: str
     message: str
@@ -177,6 +217,8 @@ class Submit(_Request, tag="submit", kw_only=True):
     task: Task = "transcribe"
     priority: Annotated[int, msgspec.Meta(ge=-1000, le=1000)] = 0  # higher runs first
     word_timestamps: bool = False
+    prompt: Prompt | None = None  # Whisper's initial prompt: spellings, names, style; "" or None: none
+    temperature: Temperature | None = None  # one temperature, no fallback; None: 0.0, 0.2, .., 1.0 as needed
 
 
 class Status(_Request, tag="status", kw_only=True):
@@ -206,7 +248,24 @@ class Watch(_Request, tag="watch", kw_only=True):
     pass
 
 
-Request = Ping | Submit | Status | Cancel | Result | Gpu | Stats | Watch
+class TokenCreate(_Request, tag="token_create", kw_only=True):
+    """A bearer token for the HTTP API, acting as `user`: privileged callers only."""
+
+    user: UserName
+    comment: TokenComment = ""
+
+
+class TokenRevoke(_Request, tag="token_revoke", kw_only=True):
+    id: TokenId
+
+
+class TokenList(_Request, tag="token_list", kw_only=True):
+    pass
+
+
+Request = (
+    Ping | Submit | Status | Cancel | Result | Gpu | Stats | Watch | TokenCreate | TokenRevoke | TokenList
+)
 
 
 # ---- replies -----------------------------------------------------------------------------------------
@@ -219,6 +278,7 @@ class _Reply(msgspec.Struct, tag_field="reply", kw_only=True):
 class Pong(_Reply, tag="pong", kw_only=True):
     version: str
     protocol: int = PROTOCOL_VERSION
+    models: list[str] = []  # what submit's model may name ([models]); absent from daemons older than it
 
 
 class Jobs(_Reply, tag="jobs", kw_only=True):
@@ -231,6 +291,7 @@ class Jobs(_Reply, tag="jobs", kw_only=True):
 class ResultReply(_Reply, tag="result", kw_only=True):
     job: JobView
     transcript: Transcript
+    prompt: str | None = None  # the job's initial prompt: only its owner (or a privileged caller) sees it
 
 
 class Devices(_Reply, tag="devices", kw_only=True):
@@ -253,14 +314,29 @@ class SystemSnapshot(_Reply, tag="system_snapshot", kw_only=True):
     stats: StatsView
 
 
+class TokenCreated(_Reply, tag="token_created", kw_only=True):
+    token: str  # the only time it is sent: the daemon keeps its hash alone
+    info: TokenView
+
+
+class TokenRevoked(_Reply, tag="token_revoked", kw_only=True):
+    id: str
+    info: TokenView | None  # None: its line in the file was not a valid token (it is gone all the same)
+
+
+class Tokens(_Reply, tag="tokens", kw_only=True):
+    tokens: list[TokenView]
+
+
 class Error(_Reply, tag="error", kw_only=True):
     ok: bool = False
     error: ErrorBody
 
 
 Reply = (
-    Pong | Jobs | ResultReply | Devices | StatsReply | JobEventReply | DeviceSnapshot | SystemSnapshot | Error
-)
+    Pong | Jobs | ResultReply | Devices | StatsReply | JobEventReply | DeviceSnapshot | SystemSnapshot
+    | TokenCreated | TokenRevoked | Tokens | Error
+)  # fmt: skip
 
 request_decoder = msgspec.json.Decoder(Request)
 reply_decoder = msgspec.json.Decoder(Reply)

@@ -103,6 +103,13 @@ class Placement(msgspec.Struct, frozen=True, kw_only=True):
     chunk_batch: int = 1  # windows its worker decodes at once (batched mode)
 
 
+def placement_floor_bytes(memory_total_bytes: int, min_free_memory_bytes: int, margin: float) -> int:
+    """The available memory a GPU needs before any batch is placed on it: fits()' rule for a batch that
+    reserves nothing (a real batch needs its reservation on top of the margin). Exported as a gauge so that
+    dashboards draw the threshold the running configuration sets."""
+    return max(min_free_memory_bytes, math.ceil(margin * memory_total_bytes))
+
+
 def fits(device: DeviceStatus, reserve_bytes: int, settings: PlanSettings) -> bool:
     """The memory rule for one device and one batch: healthy, more than the minimum free, and the safety
     margin still free after the reservation. The CPU has no memory limit."""

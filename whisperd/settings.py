@@ -41,7 +41,8 @@ def job_spec(job: JobRow, config: Config, chunk_batch: int = 1) -> wp.JobSpec:
         language=job.language, task=job.task, word_timestamps=job.word_timestamps, beam_size=t.beam_size,
         vad_filter=t.vad_filter, mode=t.mode, chunk_batch=chunk_batch,
         filename=job.filename, max_audio_duration_s=t.max_audio_duration_s,
-        max_result_bytes=w.max_result_bytes, audio_formats=list(w.audio_formats),
+        max_result_bytes=w.max_result_bytes, audio_formats=list(w.audio_formats), prompt=job.prompt,
+        temperature=job.temperature,
     )  # fmt: skip
 
 

@@ -43,11 +43,12 @@ class Spool:
             raise InvalidAudio("that is a directory, not an audio file")
         if not stat.S_ISREG(mode):
             raise InvalidAudio("the audio must be a regular file, not a pipe, socket or device")
-        target = self.directory / f"{uuid.uuid4().hex}.audio"
+        target: Path | None = None
         size = 0
         try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            with open(os.open(target, flags, PRIVATE_FILE_MODE), "wb") as out:
+            out_fd, path = self.create()
+            target = Path(path)
+            with open(out_fd, "wb") as out:
                 while chunk := os.read(fd, _COPY_CHUNK_BYTES):
                     size += len(chunk)
                     if size > max_bytes:
@@ -58,16 +59,25 @@ class Spool:
             if size == 0:
                 raise InvalidAudio("the audio file is empty")
         except OSError as exc:
-            target.unlink(missing_ok=True)
+            if target is not None:
+                target.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageFull(f"no space left in {self.directory} to spool the audio") from exc
             if exc.errno == errno.EISDIR:
                 raise InvalidAudio("that is a directory, not an audio file") from exc
             raise InvalidAudio(f"cannot read the audio: {exc.strerror}") from exc
         except BaseException:
-            target.unlink(missing_ok=True)
+            if target is not None:
+                target.unlink(missing_ok=True)
             raise
         return str(target), size
+
+    def create(self) -> tuple[int, str]:
+        """A new spool file, open for writing (0600, a fresh name): the descriptor and the path. Its writer
+        fsyncs it, and discards it on failure."""
+        target = self.directory / f"{uuid.uuid4().hex}.audio"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(target, flags, PRIVATE_FILE_MODE), str(target)
 
     def sync_directory(self) -> None:
         """fsync the spool directory: the name of every file spooled so far survives a power cut (each copy

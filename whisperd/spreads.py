@@ -20,7 +20,7 @@ import msgspec
 
 from whisperd import workerproto as wp
 from whisperd.gpupool import CPU
-from whisperd.protocol import Segment, Transcript
+from whisperd.protocol import Transcript
 from whisperd.scheduling import DeviceStatus, PlanSettings, WorkerSlot, reservation, taken
 
 Span = wp.Span
@@ -181,7 +181,7 @@ class Spread:
         first = parts[0].transcript
         assert first is not None and all(p.transcript is not None for p in parts)
         segments = [
-            Segment(id=n, start=s.start, end=s.end, text=s.text, words=s.words)
+            msgspec.structs.replace(s, id=n)  # the decoder's figures kept
             for n, s in enumerate((s for p in parts for s in p.transcript.segments), start=1)  # type: ignore[union-attr]
         ]
         return Transcript(

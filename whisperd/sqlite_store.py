@@ -67,7 +67,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at REAL,
     finished_at REAL,
     not_before REAL,
-    transcript BLOB
+    transcript BLOB,
+    prompt TEXT,
+    temperature REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 -- The queue, oldest first, read whole at start only: it covers what the scheduler's lanes keep of a job.
@@ -93,7 +95,7 @@ _SELECT_JOB = f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs"  # never the transcri
 _VIEW_COLUMNS = (
     "id", "state", "progress", "retries", "device", "worker", "model", "language", "task", "priority",
     "word_timestamps", "error", "filename", "owner_uid", "audio_duration_s", "created_at", "updated_at",
-    "started_at", "finished_at",
+    "started_at", "finished_at", "temperature",
 )  # fmt: skip
 _SELECT_VIEW = f"SELECT {', '.join(_VIEW_COLUMNS)} FROM jobs"
 _STATES = {s.value: s for s in JobState}
@@ -135,13 +137,18 @@ def _views(rows: Sequence[tuple[Any, ...]]) -> list[JobView]:
             model=model, language=language, task=task, priority=priority,
             word_timestamps=bool(word_timestamps), error=error, filename=filename, owner_uid=owner_uid,
             audio_duration_s=audio_duration_s, created_at=created_at, updated_at=updated_at,
-            started_at=started_at, finished_at=finished_at,
+            started_at=started_at, finished_at=finished_at, temperature=temperature,
         )
         for (
             id_, state, progress, retries, device, worker, model, language, task, priority, word_timestamps,
             error, filename, owner_uid, audio_duration_s, created_at, updated_at, started_at, finished_at,
+            temperature,
         ) in rows
     ]  # fmt: skip
+
+
+# Columns added since the first release, and their types: NULL in the rows of an older database.
+_ADDED_COLUMNS = {"spool_bytes": "INTEGER", "prompt": "TEXT", "temperature": "REAL"}
 
 
 def _add_columns(db: sqlite3.Connection) -> None:
@@ -149,8 +156,10 @@ def _add_columns(db: sqlite3.Connection) -> None:
     columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
     if not columns:  # a new database, made whole by the schema: every job stores its spool size
         db.execute(f"PRAGMA user_version = {_SPOOL_SIZES_STORED}")
-    elif "spool_bytes" not in columns:
-        db.execute("ALTER TABLE jobs ADD COLUMN spool_bytes INTEGER")
+        return
+    for name, kind in _ADDED_COLUMNS.items():
+        if name not in columns:
+            db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
 
 def _connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
@@ -162,8 +171,10 @@ def _connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA wal_autocheckpoint=0")
         limit_wal(db, WAL_LIMIT_BYTES)
+        # Before the schema, whose indexes may name them; not in the try below: every read names them, so a
+        # store without them cannot run (on a full disk the caller gives back its reserve and tries again).
+        _add_columns(db)
         try:
-            _add_columns(db)  # before the schema: its indexes may name them
             db.executescript(_SCHEMA)
         except sqlite3.OperationalError:
             # An older database on a full disk cannot take a new index: it runs without until a later start.
@@ -286,12 +297,12 @@ class SqliteStore:
             for job in new_jobs:
                 cursor = self._db.execute(
                     "INSERT INTO jobs (state, model, language, task, priority, word_timestamps, filename,"
-                    " owner_uid, spool_path, spool_bytes, created_at, updated_at, queued_at)"
-                    f" VALUES ({','.join('?' * 13)}) RETURNING {', '.join(JOB_COLUMNS)}",
+                    " owner_uid, spool_path, spool_bytes, created_at, updated_at, queued_at, prompt,"
+                    f" temperature) VALUES ({','.join('?' * 15)}) RETURNING {', '.join(JOB_COLUMNS)}",
                     (
                         JobState.PENDING.value, job.model, job.language, job.task, job.priority,
                         int(job.word_timestamps), job.filename, job.owner_uid, job.spool_path,
-                        job.spool_bytes, now, now, now,
+                        job.spool_bytes, now, now, now, job.prompt, job.temperature,
                     ),
                 )  # fmt: skip
                 row = _job(cursor.fetchone())

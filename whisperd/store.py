@@ -41,6 +41,8 @@ class JobRow(msgspec.Struct, kw_only=True, gc=False):
     started_at: float | None
     finished_at: float | None
     not_before: float | None  # a RETRYING job waits until then
+    prompt: str | None = None  # decoding options, as submitted (None: faster-whisper's default)
+    temperature: float | None = None
     # Kept by the shared store only (several hosts, one queue; see pg_store.py): the embedded one has a
     # single host and stores none of them.
     attempt: int = 0  # raised at each dispatch: the fencing token a shared store checks at every write
@@ -56,7 +58,7 @@ class JobRow(msgspec.Struct, kw_only=True, gc=False):
             priority=self.priority, word_timestamps=self.word_timestamps, error=self.error,
             filename=self.filename, owner_uid=self.owner_uid, audio_duration_s=self.audio_duration_s,
             created_at=self.created_at, updated_at=self.updated_at, started_at=self.started_at,
-            finished_at=self.finished_at, host=self.host,
+            finished_at=self.finished_at, host=self.host, temperature=self.temperature,
         )  # fmt: skip
 
 
@@ -66,6 +68,7 @@ JOB_COLUMNS: tuple[str, ...] = tuple(f for f in JobRow.__struct_fields__ if f no
 # Fixed at submit; everything else may change with a transition.
 IMMUTABLE_COLUMNS = frozenset(
     {"id", "model", "language", "task", "filename", "owner_uid", "spool_bytes", "created_at"}
+    | {"prompt", "temperature"}
 )
 MUTABLE_COLUMNS: tuple[str, ...] = tuple(c for c in JOB_COLUMNS if c not in IMMUTABLE_COLUMNS)
 
@@ -80,6 +83,8 @@ class NewJob(msgspec.Struct, kw_only=True):
     task: Task
     priority: int
     word_timestamps: bool
+    prompt: str | None = None
+    temperature: float | None = None
 
 
 class EventRow(msgspec.Struct, frozen=True, kw_only=True):

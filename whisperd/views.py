@@ -33,9 +33,12 @@ class Views:
         clock: Callable[[], float],
         others: Callable[[], Sequence[HostSnapshot]] | None = None,
         host_id: str | None = None,
+        placement_floor: Callable[[int], int] | None = None,
     ) -> None:
         """others: with a shared store, the other hosts alive and what their last heartbeat said of their
-        workers and devices; host_id: this host's name then (each view is marked with its host)."""
+        workers and devices; host_id: this host's name then (each view is marked with its host);
+        placement_floor: a GPU's placement threshold for its total memory, as the running config sets it."""
+        self._placement_floor = placement_floor
         self._others = others
         self._host_id = host_id
         self._registry = registry
@@ -57,6 +60,8 @@ class Views:
         views = self._pool.views(Counter(w.device for w in self._fleet.views()))
         for view in views:
             view.host = self._host_id
+            if self._placement_floor is not None and view.index is not None and view.memory_total_bytes:
+                view.placement_floor_bytes = self._placement_floor(view.memory_total_bytes)
         return views
 
     def fleet_workers(self) -> list[WorkerView]:

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Sequence, Sized
 from typing import Any, BinaryIO, Protocol
 
 import msgspec
@@ -257,10 +257,12 @@ class Worker:
             if spec.job_id in self._cancelled:
                 raise JobCancelled
             segment = finite_segment(raw, segments[-1].end if segments else 0.0)
+            segment.id = len(segments) + 1  # its place in the transcript, as batched mode numbers them
             segments.append(segment)
             progress = min(99.9, 100.0 * segment.end / duration_s) if duration_s > 0 else 0.0
             progress = max(0.0, progress)
-            self.send(wp.Progress(job_id=spec.job_id, progress=progress, audio_duration_s=duration_s))
+            self.send(wp.Progress(job_id=spec.job_id, progress=progress, audio_duration_s=duration_s,
+                                  segments=[segment]))  # fmt: skip
         return Transcript(
             language=info.language,
             language_probability=_finite(info.language_probability, 0.0),
@@ -276,8 +278,13 @@ class _JobReports:
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
 
-    def progress(self, spec: wp.JobSpec, progress: float, duration_s: float) -> None:
-        self._worker.send(wp.Progress(job_id=spec.job_id, progress=progress, audio_duration_s=duration_s))
+    def progress(
+        self, spec: wp.JobSpec, progress: float, duration_s: float, segments: Sequence[Segment] = ()
+    ) -> None:
+        self._worker.send(
+            wp.Progress(job_id=spec.job_id, progress=progress, audio_duration_s=duration_s,
+                        segments=list(segments))
+        )  # fmt: skip
 
     def finished(self, spec: wp.JobSpec, transcript: Transcript, processing_s: float) -> None:
         self._worker.finish(spec, transcript, processing_s)
@@ -299,9 +306,13 @@ def _finite(value: float, default: float) -> float:
     return value if math.isfinite(value) else default
 
 
+def _figure(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
 def finite_segment(segment: Segment, previous_end: float) -> Segment:
     """JSON has no NaN or infinity (msgspec writes null, which the daemon cannot read back as a float): a
-    time that is not finite takes the one before it, a probability 0."""
+    time that is not finite takes the one before it, a probability 0, a decoder's figure None."""
     start = _finite(segment.start, previous_end)
     end = _finite(segment.end, start)
     words = None
@@ -311,7 +322,11 @@ def finite_segment(segment: Segment, previous_end: float) -> Segment:
             w_start = _finite(w.start, last)
             last = _finite(w.end, w_start)
             words.append(Word(start=w_start, end=last, word=w.word, probability=_finite(w.probability, 0.0)))
-    return Segment(id=segment.id, start=start, end=end, text=segment.text, words=words)
+    return msgspec.structs.replace(
+        segment, start=start, end=end, words=words, temperature=_figure(segment.temperature),
+        avg_logprob=_figure(segment.avg_logprob), compression_ratio=_figure(segment.compression_ratio),
+        no_speech_prob=_figure(segment.no_speech_prob),
+    )  # fmt: skip
 
 
 def die_with_parent() -> None:

@@ -7,6 +7,8 @@ import bisect
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, BinaryIO
 
+import msgspec
+
 from whisperd import audiodecode
 from whisperd import workerproto as wp
 from whisperd.audiodecode import SAMPLE_RATE
@@ -55,6 +57,7 @@ class FasterWhisper:
             beam_size=spec.beam_size,
             word_timestamps=spec.word_timestamps,
             vad_filter=spec.vad_filter,
+            **decoding_options(spec),
         )
         audio_info = AudioInfo(info.language, float(info.language_probability), float(info.duration))
         return _segments(segments), audio_info
@@ -134,7 +137,7 @@ class FasterWhisper:
         decoded, _info = BatchedInferencePipeline(model).transcribe(
             np.concatenate(pieces), language=language, task=spec.task, beam_size=spec.beam_size,
             word_timestamps=spec.word_timestamps, vad_filter=False, clip_timestamps=clips,
-            batch_size=len(windows),
+            batch_size=len(windows), **decoding_options(spec),
         )  # fmt: skip
         # faster-whisper marks each segment with its clip's offset in frames (seek): its window. Its start
         # time is no guide, since word timestamps may move it into the window before.
@@ -146,20 +149,40 @@ class FasterWhisper:
             if index is None:  # a window shorter than a frame shares its seek: place it by its start
                 index = max(0, bisect.bisect_right(offsets_s, raw.start + 0.001) - 1)
             [segment] = _segments([raw])
-            by_window[index].append(_shifted(segment, windows[index][1] - offsets_s[index]))
+            by_window[index].append(_shifted(segment, windows[index][1] - offsets_s[index], fps))
         return by_window
 
 
-def _shifted(segment: Segment, by_s: float) -> Segment:
+def decoding_options(spec: wp.JobSpec) -> dict[str, Any]:
+    """The job's own options for faster-whisper, only those it set: its defaults stand for the others (the
+    temperature's is a fallback schedule, 0.0 then higher ones where decoding fails; one given is the only
+    one tried). The batched pipeline uses the prompt for every window, and the first temperature only."""
+    options: dict[str, Any] = {}
+    if spec.prompt:
+        options["initial_prompt"] = spec.prompt
+    if spec.temperature is not None:
+        options["temperature"] = spec.temperature
+    return options
+
+
+def _shifted(segment: Segment, by_s: float, frames_per_s: float) -> Segment:
+    """The segment timed from its job's audio start, not from the chunk's array (its seek too)."""
     words = None
     if segment.words is not None:
         words = [Word(start=w.start + by_s, end=w.end + by_s, word=w.word, probability=w.probability)
                  for w in segment.words]  # fmt: skip
-    return Segment(id=segment.id, start=segment.start + by_s, end=segment.end + by_s, text=segment.text,
-                   words=words)  # fmt: skip
+    return msgspec.structs.replace(
+        segment, start=segment.start + by_s, end=segment.end + by_s, words=words,
+        seek=max(0, segment.seek + round(by_s * frames_per_s)),
+    )  # fmt: skip
+
+
+def _figure(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _segments(decoded: Iterable[Any]) -> Iterator[Segment]:
+    """faster-whisper's segments as the protocol's, with the decoder's figures (not its token ids)."""
     for seg in decoded:
         words = None
         if seg.words is not None:
@@ -167,7 +190,11 @@ def _segments(decoded: Iterable[Any]) -> Iterator[Segment]:
                 Word(start=float(w.start), end=float(w.end), word=w.word, probability=float(w.probability))
                 for w in seg.words
             ]
-        yield Segment(id=seg.id, start=float(seg.start), end=float(seg.end), text=seg.text, words=words)
+        yield Segment(
+            id=seg.id, start=float(seg.start), end=float(seg.end), text=seg.text, words=words,
+            seek=int(seg.seek), temperature=_figure(seg.temperature), avg_logprob=_figure(seg.avg_logprob),
+            compression_ratio=_figure(seg.compression_ratio), no_speech_prob=_figure(seg.no_speech_prob),
+        )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

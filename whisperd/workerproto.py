@@ -7,7 +7,7 @@ from typing import Literal
 
 import msgspec
 
-from whisperd.protocol import Task, Transcript
+from whisperd.protocol import Segment, Task, Transcript
 
 Span = tuple[float, float]  # seconds from the start of a job's audio
 
@@ -43,6 +43,10 @@ class JobSpec(msgspec.Struct, kw_only=True):
     # worker reports its length as soon as it is decoded, so the daemon may share the job before its windows
     # are; 0: never shared.
     shard_min_audio_s: float = 0.0
+    # The job's decoding options (None: faster-whisper's defaults): Whisper's initial prompt, and one
+    # sampling temperature (no fallback to higher ones; None: 0.0, then up to 1.0 where decoding fails).
+    prompt: str | None = None
+    temperature: float | None = None
 
 
 # daemon -> worker
@@ -102,6 +106,9 @@ class Progress(msgspec.Struct, tag="progress", kw_only=True):
     job_id: int
     progress: float
     audio_duration_s: float
+    # The segments decoded since the job's previous Progress, in order, each numbered by its place in the
+    # job's transcript (from 1); each is sent once. A part of a spread job sends its own part's.
+    segments: list[Segment] = []
 
 
 class Finished(msgspec.Struct, tag="finished", kw_only=True):

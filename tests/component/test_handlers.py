@@ -166,9 +166,17 @@ def refused(parts: Parts, request: p.Submit, caller: Caller, fds: list[int]) -> 
 
 
 def test_ping_gpu_and_stats_answer_from_their_owners(parts: Parts) -> None:
-    assert call(parts.handlers.handle(p.Ping(), NOBODY, [])) == p.Pong(version=__version__)
+    pong = p.Pong(version=__version__, models=["tiny.en"])
+    assert call(parts.handlers.handle(p.Ping(), NOBODY, [])) == pong
     assert call(parts.handlers.handle(p.Gpu(), NOBODY, [])) == p.Devices(devices=DEVICES)
     assert call(parts.handlers.handle(p.Stats(), NOBODY, [])) == p.StatsReply(stats=STATS)
+
+
+def test_ping_names_the_running_configurations_models(parts: Parts) -> None:
+    # what `whisperctl __complete models` offers for --model: the config read afresh, so a reload shows
+    parts.config = Config(models={"tiny.en": "/m/tiny", "large-v3": "/m/large", "base": "/m/base"})
+    reply = call(parts.handlers.handle(p.Ping(), NOBODY, []))
+    assert isinstance(reply, p.Pong) and reply.models == ["base", "large-v3", "tiny.en"]
 
 
 # ---- submit --------------------------------------------------------------------------------------------

@@ -163,6 +163,36 @@ def test_views_are_the_rows_views(backend: Backend, tmp_path: Path) -> None:
     store.close()
 
 
+def test_a_job_s_decoding_options_are_kept_through_its_life(backend: Backend, tmp_path: Path) -> None:
+    """prompt and temperature as submitted: in the row through its transitions and a reopening; a listing's
+    views show the temperature, never the prompt (every caller may list the queue)."""
+    store, spool = backend.open(), Spool(tmp_path / "spool")
+    prompt = "Ana, Bob; the «Q3» budget.\nNew line, 'quotes' and \\ too. " + "é" * 4000
+    asked = [
+        msgspec.structs.replace(new_job(spooled(spool, tmp_path)), prompt=prompt, temperature=0.0),
+        new_job(spooled(spool, tmp_path)),
+        msgspec.structs.replace(new_job(spooled(spool, tmp_path)), temperature=0.7),
+    ]
+    jobs = store.insert_jobs(asked, now=1.0)
+    options = [(prompt, 0.0), (None, None), (None, 0.7)]
+    assert [(j.prompt, j.temperature) for j in jobs] == options
+    done = jobs[0]
+    dispatch(store, done)
+    done.state, done.updated_at, done.finished_at, done.spool_path = JobState.COMPLETED, 2.0, 2.0, None
+    store.save_transition(done, JobState.PROCESSING, JobEvent.COMPLETE, Transcript("en", 1.0, 1.0, "x", []))
+    dispatch(store, jobs[2])
+    store.close()
+    reopened = backend.open()
+    rows = reopened.select([], None, 10)
+    assert [(r.prompt, r.temperature) for r in rows] == options
+    assert [r.state for r in rows] == [JobState.COMPLETED, JobState.PENDING, JobState.PROCESSING]
+    views = reopened.views([], None, 10)
+    assert [v.temperature for v in views] == [0.0, None, 0.7]
+    assert msgspec.json.encode(views) == msgspec.json.encode([r.view() for r in rows])
+    assert "é".encode() not in msgspec.json.encode(views), "no prompt in a listing"
+    reopened.close()
+
+
 def test_newest_ids_come_by_state_oldest_first_within_the_limit(backend: Backend, tmp_path: Path) -> None:
     store, spool = backend.open(), Spool(tmp_path / "spool")
     jobs = store.insert_jobs([new_job(spooled(spool, tmp_path)) for _ in range(6)], now=1.0)
@@ -261,6 +291,58 @@ def test_a_store_from_before_spool_sizes_gets_them_measured_once(tmp_path: Path)
     assert [t.spool_bytes for t in store.user_totals()] == [1234]
     assert [e[0] for chunk in store.queue() for e in chunk] == [job.id], "the queue's index was added too"
     store.close()
+
+
+def test_a_store_from_before_decoding_options_is_brought_up_to_date_with_its_jobs(tmp_path: Path) -> None:
+    """A database made by the release before per-job prompts and temperatures: its jobs read back with
+    none, run on, and new jobs keep theirs."""
+    spool = Spool(tmp_path / "spool")
+    path = spooled(spool, tmp_path)
+    transcript = Transcript("en", 1.0, 1.0, "old", [Segment(id=1, start=0.0, end=1.0, text="old")])
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        db.executescript(
+            "CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, state TEXT NOT NULL,"
+            " progress REAL NOT NULL DEFAULT 0, retries INTEGER NOT NULL DEFAULT 0, device TEXT, worker TEXT,"
+            " model TEXT NOT NULL, language TEXT, task TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0,"
+            " word_timestamps INTEGER NOT NULL DEFAULT 0, error TEXT, filename TEXT NOT NULL,"
+            " owner_uid INTEGER NOT NULL, audio_duration_s REAL, spool_path TEXT, spool_bytes INTEGER,"
+            " created_at REAL NOT NULL, updated_at REAL NOT NULL, queued_at REAL NOT NULL, started_at REAL,"
+            " finished_at REAL, not_before REAL, transcript BLOB);"
+            "CREATE INDEX jobs_state ON jobs(state);"
+            "CREATE INDEX jobs_queue ON jobs(queued_at, id, priority, owner_uid, model)"
+            " WHERE state = 'PENDING';"
+            "CREATE TABLE job_events (job_id INTEGER NOT NULL REFERENCES jobs(id), at REAL NOT NULL,"
+            " from_state TEXT, to_state TEXT NOT NULL, event TEXT NOT NULL, worker TEXT, error TEXT);"
+            "CREATE INDEX job_events_job ON job_events(job_id);"
+            "CREATE INDEX jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;"
+            "PRAGMA user_version = 1;"
+        )
+        db.execute(
+            "INSERT INTO jobs (state, model, task, filename, owner_uid, spool_path, spool_bytes, created_at,"
+            " updated_at, queued_at) VALUES ('PENDING', 'tiny.en', 'transcribe', 'a.wav', 1000, ?, 8, 1, 1,"
+            " 1)",
+            (path,),
+        )
+        db.execute(
+            "INSERT INTO jobs (state, model, task, filename, owner_uid, created_at, updated_at, queued_at,"
+            " finished_at, transcript) VALUES ('COMPLETED', 'tiny.en', 'transcribe', 'b.wav', 1000, 1, 2, 1,"
+            " 2, ?)",
+            (msgspec.json.encode(transcript),),
+        )
+    store = SqliteStore(tmp_path / "jobs.sqlite3")
+    waiting, done = store.select([], None, 10)
+    assert [(j.prompt, j.temperature) for j in (waiting, done)] == [(None, None)] * 2
+    assert store.transcript(done.id) == transcript and store.views([], None, 10)[1].temperature is None
+    dispatch(store, waiting)
+    asked = msgspec.structs.replace(new_job(spooled(spool, tmp_path)), prompt="Ana.", temperature=0.2)
+    [new] = store.insert_jobs([asked], now=5.0)
+    store.close()
+    reopened = SqliteStore(tmp_path / "jobs.sqlite3")  # once brought up to date, opened as any other
+    assert [(j.id, j.state, j.prompt, j.temperature) for j in reopened.live_jobs()] == [
+        (waiting.id, JobState.PROCESSING, None, None), (new.id, JobState.PENDING, "Ana.", 0.2),
+    ]  # fmt: skip
+    assert [e[0] for chunk in reopened.queue() for e in chunk] == [new.id]
+    reopened.close()
 
 
 def test_a_claim_dispatches_the_jobs_it_wins(backend: Backend, tmp_path: Path) -> None:

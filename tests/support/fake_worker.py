@@ -15,6 +15,10 @@ The spooled audio file is the script, a few words:
   open=PATH     try to open PATH for reading; the transcript's text says what happened
   connect=PATH  try to connect to the Unix socket PATH; likewise
   tcp=PORT      try to connect to 127.0.0.1:PORT over TCP; likewise
+  hold=NAME     once the first segment (or window) is decoded, wait until a file NAME exists in
+                FAKE_WORKER_STATE (30 s at most) before decoding the others
+  echo-options  the transcript's text is the job's decoding options, as its spec gave them:
+                "prompt=<repr> temperature=<repr>" (in batched mode, each window's segment says them)
 The transcript's text is "job <id>", or what the probes above found.
 
 With FAKE_WORKER_BATCHED set, the transcriber is also a window decoder (batched mode), and scripts may say:
@@ -78,17 +82,24 @@ class ScriptedTranscriber:
         count = int(options.get("segments", 1))
         segment_s = float(options.get("segment_s", 0))
         text = probe(options) or f"job {spec.job_id}"
+        if "echo-options" in words:
+            text = echo_options(spec)
         if "huge" in options:
             text = "x" * int(options["huge"])
         hog = bytearray(b"\x01" * int(options.get("hog", 0)))  # touched, so resident
         if "nan" in words:
             return _nan_segments(text), AudioInfo("en", float("nan"), float("inf"))
-        return self._segments(text, count, segment_s, hog), AudioInfo("en", 1.0, float(count))
+        hold = self._state / options["hold"] if "hold" in options else None
+        return self._segments(text, count, segment_s, hog, hold), AudioInfo("en", 1.0, float(count))
 
     @staticmethod
-    def _segments(text: str, count: int, segment_s: float, hog: bytearray) -> Iterator[Segment]:
+    def _segments(
+        text: str, count: int, segment_s: float, hog: bytearray, hold: Path | None = None
+    ) -> Iterator[Segment]:
         for i in range(count):
             time.sleep(segment_s)
+            if i == 1 and hold is not None:
+                _wait_for(hold)
             yield Segment(id=i + 1, start=float(i), end=float(i + 1), text=text if i == 0 else "")
         del hog
 
@@ -131,9 +142,23 @@ class ScriptedWindowDecoder(ScriptedTranscriber):
             if fails_once or "part-fails-always" in script:
                 raise RuntimeError("the decoder broke")
         window_s = float(self._options(windows[0][0]).get("window_s", 0)) if windows else 0.0
+        echo = " " + echo_options(spec) if "echo-options" in script else ""
+        hold_name = self._options(windows[0][0]).get("hold") if windows else None
         for index, (_audio, start, end) in enumerate(windows):
             time.sleep(window_s)
-            yield index, [Segment(id=1, start=start, end=end, text=f" w{int(start // 10)}")]
+            if start > 0 and hold_name is not None:
+                _wait_for(self._state / hold_name)
+            yield index, [Segment(id=1, start=start, end=end, text=f" w{int(start // 10)}{echo}")]
+
+
+def echo_options(spec: wp.JobSpec) -> str:
+    return f"prompt={spec.prompt!r} temperature={spec.temperature!r}"
+
+
+def _wait_for(path: Path, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _nan_segments(text: str) -> Iterator[Segment]:

@@ -1,16 +1,20 @@
 """cut_windows: speech regions to decoding windows of at most 30 s, cut between regions; split_windows: the
-windows a worker has left, in contiguous parts to share with idle workers."""
+windows a worker has left, in contiguous parts to share with idle workers; decode_together: which jobs'
+windows share a decoding call."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from whisperd.batching import cut_windows
+from whisperd import workerproto as wp
+from whisperd.batching import AudioInfo, Prepared, cut_windows, decode_together
+from whisperd.protocol import Segment, Transcript
 from whisperd.sharing import split_span, split_windows
 
 CASES = [
@@ -39,6 +43,7 @@ regions = st.lists(
 
 @given(regions)
 @example([(3.190978183091925, 4.190978183091925), (4.0, 33.19097818309193)])  # 30 s and a rounding error
+@example([(0.0, 1.0), (5.960464477539063e-08, 30.000000059604645)])  # 60 ns over: not cut off on its own
 def test_windows_are_short_ordered_and_cover_every_bit_of_speech(speech: list[tuple[float, float]]) -> None:
     merged: list[tuple[float, float]] = []  # VAD regions do not overlap: make these not overlap either
     for start, end in speech:
@@ -47,7 +52,8 @@ def test_windows_are_short_ordered_and_cover_every_bit_of_speech(speech: list[tu
         else:
             merged.append((start, end))
     windows = cut_windows(merged, 4000.0)
-    assert all(0 < end - start <= 30.0 + 1e-9 for start, end in windows)
+    # cut_windows leaves a window up to 1 us over 30 s whole rather than cut a piece of a rounding error
+    assert all(0 < end - start <= 30.0 + 1e-6 for start, end in windows)
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(windows)), "in order, not overlapping"
     for start, end in merged:
         covered = sum(max(0.0, min(end, w_end) - max(start, w_start)) for w_start, w_end in windows)
@@ -159,3 +165,72 @@ def test_split_span(
     expected: list[tuple[float, float]],
 ) -> None:
     assert split_span(start_s, cut_s, end_s, helpers, min_part_s) == expected
+
+
+# ---- decode_together: one call per set of decoding options -----------------------------------------------
+
+
+class RecordingDecoder:
+    """Decodes a window to one segment naming its job; records each call's options and jobs."""
+
+    max_window_s = 30.0
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str | None, float | None, list[int]]] = []
+
+    def decode_windows(
+        self, model: Any, windows: Sequence[tuple[Any, float, float]], spec: wp.JobSpec, language: str,
+        chunk_batch: int,
+    ) -> Iterator[tuple[int, list[Segment]]]:  # fmt: skip
+        self.calls.append((spec.prompt, spec.temperature, [job_id for job_id, _s, _e in windows]))
+        for index, (job_id, start, end) in enumerate(windows):
+            yield index, [Segment(id=1, start=start, end=end, text=f" {job_id}")]
+
+
+class Finishes:
+    def __init__(self) -> None:
+        self.texts: dict[int, str] = {}
+
+    def progress(
+        self, spec: wp.JobSpec, progress: float, duration_s: float, segments: Sequence[Segment] = ()
+    ) -> None:
+        pass
+
+    def finished(self, spec: wp.JobSpec, transcript: Transcript, processing_s: float) -> None:
+        self.texts[spec.job_id] = transcript.text
+
+    def failed(self, spec: wp.JobSpec, exc: Exception) -> None:
+        raise AssertionError(exc)
+
+    def stopped(self, spec: wp.JobSpec) -> None:
+        raise AssertionError(spec.job_id)
+
+    def shared(self, spec: wp.JobSpec, language: str, kept: wp.JobPart, parts: list[wp.JobPart]) -> None:
+        raise AssertionError(spec.job_id)
+
+
+def prepared(job_id: int, prompt: str | None = None, temperature: float | None = None) -> Prepared:
+    spec = wp.JobSpec(
+        job_id=job_id, audio_path="", model="tiny.en", model_source="tiny.en", language=None,
+        task="transcribe", word_timestamps=False, beam_size=5, vad_filter=False, mode="batched",
+        chunk_batch=16, prompt=prompt, temperature=temperature,
+    )  # fmt: skip
+    return Prepared(spec=spec, audio=job_id, info=AudioInfo("en", 1.0, 2.0), windows=[(0.0, 1.0), (1.0, 2.0)])
+
+
+def test_jobs_with_different_prompts_or_temperatures_are_never_decoded_in_one_call() -> None:
+    jobs = [
+        prepared(1), prepared(2, "Ana, Bob.", 0.0), prepared(3, "Ana, Bob.", 0.0), prepared(4, "Zoe.", 0.0),
+        prepared(5, "Ana, Bob.", 0.4), prepared(6), prepared(7, None, 0.0), prepared(8, "Ana, Bob."),
+    ]  # fmt: skip
+    decoder, report = RecordingDecoder(), Finishes()
+    decode_together(decoder, None, jobs, report, lambda _job_id: False, lambda segment, _end: segment)
+    assert decoder.calls == [
+        (None, None, [1, 1, 6, 6]),
+        ("Ana, Bob.", 0.0, [2, 2, 3, 3]),
+        ("Zoe.", 0.0, [4, 4]),
+        ("Ana, Bob.", 0.4, [5, 5]),
+        (None, 0.0, [7, 7]),
+        ("Ana, Bob.", None, [8, 8]),
+    ], "jobs alike share a call; no job is decoded with another's options"
+    assert report.texts == {job_id: f"{job_id} {job_id}" for job_id in range(1, 9)}

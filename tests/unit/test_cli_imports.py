@@ -36,6 +36,7 @@ NOT_NEEDED = {
     "numpy",
     "faster_whisper",
     "ctranslate2",
+    "rich",  # the terminal views: top and the progress bars only
 }
 
 PROBE = """
@@ -74,6 +75,14 @@ def test_submit_without_wait_imports_only_what_it_uses(tmp_path: Path) -> None:
     status, modules = modules_after("--socket", str(tmp_path / "none.sock"), "submit", str(clip))
     assert status == cli.EXIT_UNREACHABLE
     assert unneeded(modules) == set()
+
+
+def test_status_imports_no_terminal_views(tmp_path: Path) -> None:
+    # status renders its table with whisperctl.render, which may load; rich and the views may not.
+    status, modules = modules_after("--socket", str(tmp_path / "none.sock"), "status")
+    assert status == cli.EXIT_UNREACHABLE
+    assert not {m for m in modules if m.split(".")[0] == "rich" or m.startswith("whisperctl.top")}
+    assert "whisperctl.progress_view" not in modules
 
 
 def test_the_parser_offers_the_renderers_formats() -> None:

@@ -20,7 +20,9 @@ from whisperd.errors import BadRequest, ProtocolError, RequestTooLarge, UnknownO
 from whisperd.jobs import JobState
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
-OPS = ["ping", "submit", "status", "cancel", "result", "gpu", "stats", "watch"]  # the eight ops of the doc
+# the eleven ops of the doc
+OPS = ["ping", "submit", "status", "cancel", "result", "gpu", "stats", "watch",
+       "token_create", "token_revoke", "token_list"]  # fmt: skip
 
 Json = dict[str, Any]
 
@@ -38,9 +40,10 @@ def documented_lines() -> list[bytes]:
 
 # ---- golden requests: the doc's examples, the Structs they decode to ----------------------------------
 
+PROMPT = "Ana, Bob; the Q3 budget."
 # The defaults the doc's tables give for the optional request fields; the encoder writes every field.
 SUBMIT_DEFAULTS: Json = {"model": None, "language": None, "task": "transcribe", "priority": 0,
-                         "word_timestamps": False}  # fmt: skip
+                         "word_timestamps": False, "prompt": None, "temperature": None}  # fmt: skip
 FILE_DEFAULTS: Json = {"fd_index": None, "path": None}
 STATUS_DEFAULTS: Json = {"ids": [], "state": None, "limit": 1000}
 
@@ -68,6 +71,16 @@ GOLDEN_REQUESTS: list[tuple[str, Json, p.Request]] = [
             files=[p.SubmitFile(name="talk.wav", path="/srv/audio/talk.wav")], language="de", task="translate"
         ),
     ),
+    (
+        "submit-options",
+        {
+            "op": "submit",
+            "files": [{"name": "standup.wav", "fd_index": 0}],
+            "prompt": PROMPT,
+            "temperature": 0.0,
+        },
+        p.Submit(files=[p.SubmitFile(name="standup.wav", fd_index=0)], prompt=PROMPT, temperature=0.0),
+    ),
     ("status", {"op": "status"}, p.Status()),
     ("status-ids", {"op": "status", "ids": [42, 43]}, p.Status(ids=[42, 43])),
     (
@@ -80,6 +93,13 @@ GOLDEN_REQUESTS: list[tuple[str, Json, p.Request]] = [
     ("gpu", {"op": "gpu"}, p.Gpu()),
     ("stats", {"op": "stats"}, p.Stats()),
     ("watch", {"op": "watch"}, p.Watch()),
+    (
+        "token_create",
+        {"op": "token_create", "user": "ana", "comment": "Open WebUI"},
+        p.TokenCreate(user="ana", comment="Open WebUI"),
+    ),
+    ("token_revoke", {"op": "token_revoke", "id": "3f9a1c2e"}, p.TokenRevoke(id="3f9a1c2e")),
+    ("token_list", {"op": "token_list"}, p.TokenList()),
 ]
 
 
@@ -90,6 +110,8 @@ def with_documented_defaults(request: Json) -> Json:
         return {**SUBMIT_DEFAULTS, **request, "files": files}
     if request["op"] == "status":
         return {**STATUS_DEFAULTS, **request}
+    if request["op"] == "token_create":
+        return {"comment": "", **request}
     return request
 
 
@@ -127,11 +149,14 @@ RUNNING_VIEW = msgspec.structs.replace(
 
 TRANSCRIPT: Json = {
     "language": "en", "language_probability": 0.98, "duration_s": 12.5, "text": "Hello there.",
-    "segments": [{"id": 1, "start": 0.0, "end": 1.8, "text": " Hello there.", "words": None}],
+    "segments": [{"id": 1, "start": 0.0, "end": 1.8, "text": " Hello there.", "words": None, "seek": 0,
+                  "temperature": 0.0, "avg_logprob": -0.25, "compression_ratio": 0.9,
+                  "no_speech_prob": 0.02}],
 }  # fmt: skip
 TRANSCRIPT_VIEW = p.Transcript(
     language="en", language_probability=0.98, duration_s=12.5, text="Hello there.",
-    segments=[p.Segment(id=1, start=0.0, end=1.8, text=" Hello there.", words=None)],
+    segments=[p.Segment(id=1, start=0.0, end=1.8, text=" Hello there.", words=None, seek=0, temperature=0.0,
+                        avg_logprob=-0.25, compression_ratio=0.9, no_speech_prob=0.02)],
 )  # fmt: skip
 
 CPU: Json = {
@@ -150,12 +175,13 @@ GPU: Json = {
     "memory_total_bytes": 150754820096, "memory_used_bytes": 2147483648, "memory_free_bytes": 148607336448,
     "memory_reserved_bytes": 0, "memory_available_bytes": 148607336448, "utilization_ratio": 0.0,
     "temperature_c": 31.0, "power_w": 74.5, "workers": 0, "running_batches": 0,
+    "placement_floor_bytes": 15075482010,
 }  # fmt: skip
 GPU_VIEW = p.DeviceView(
     name="cuda:0", index=0, uuid="GPU-5e2a7c1d-0000-0000-0000-000000000000", healthy=True,
     memory_total_bytes=150754820096, memory_used_bytes=2147483648, memory_free_bytes=148607336448,
     memory_reserved_bytes=0, memory_available_bytes=148607336448, utilization_ratio=0.0, temperature_c=31.0,
-    power_w=74.5, workers=0, running_batches=0,
+    power_w=74.5, workers=0, running_batches=0, placement_floor_bytes=15075482010,
 )  # fmt: skip
 
 STATS: Json = {
@@ -179,12 +205,16 @@ STATS_VIEW = p.StatsView(
 )  # fmt: skip
 
 UNKNOWN_MODEL = "unknown model 'large'; this daemon serves: tiny.en"
+TOKEN: Json = {"id": "3f9a1c2e", "user": "ana", "uid": 1000, "created_at": 1718000000.0,
+               "comment": "Open WebUI"}  # fmt: skip
+TOKEN_VIEW = p.TokenView(id="3f9a1c2e", user="ana", uid=1000, created_at=1718000000.0, comment="Open WebUI")
+SECRET_TOKEN = "wsd_3f9a1c2e_5M0Ixg2PqKkK6N1YyqSg1ZxE8W4Jr9m2HcVtQb7aLdU"
 
 GOLDEN_REPLIES: list[tuple[str, Json, p.Reply]] = [
     (
         "pong",
-        {"reply": "pong", "ok": True, "version": "0.1.0", "protocol": 3},
-        p.Pong(version="0.1.0"),  # as the daemon builds them: defaults are part of the wire
+        {"reply": "pong", "ok": True, "version": "0.1.0", "protocol": 4, "models": ["tiny.en"]},
+        p.Pong(version="0.1.0", models=["tiny.en"]),  # as the daemon builds them: defaults are on the wire
     ),
     ("jobs", {"reply": "jobs", "ok": True, "jobs": [JOB], "errors": []}, p.Jobs(jobs=[JOB_VIEW])),
     (
@@ -199,8 +229,18 @@ GOLDEN_REPLIES: list[tuple[str, Json, p.Reply]] = [
     ),
     (
         "result",
-        {"reply": "result", "ok": True, "job": COMPLETED, "transcript": TRANSCRIPT},
-        p.ResultReply(job=COMPLETED_VIEW, transcript=TRANSCRIPT_VIEW),
+        {
+            "reply": "result",
+            "ok": True,
+            "job": {**COMPLETED, "temperature": 0.0},
+            "transcript": TRANSCRIPT,
+            "prompt": PROMPT,
+        },
+        p.ResultReply(
+            job=msgspec.structs.replace(COMPLETED_VIEW, temperature=0.0),
+            transcript=TRANSCRIPT_VIEW,
+            prompt=PROMPT,
+        ),
     ),
     (
         "devices",
@@ -219,6 +259,17 @@ GOLDEN_REPLIES: list[tuple[str, Json, p.Reply]] = [
         {"reply": "system_snapshot", "ok": True, "stats": STATS},
         p.SystemSnapshot(stats=STATS_VIEW),
     ),
+    (
+        "token_created",
+        {"reply": "token_created", "ok": True, "token": SECRET_TOKEN, "info": TOKEN},
+        p.TokenCreated(token=SECRET_TOKEN, info=TOKEN_VIEW),
+    ),
+    (
+        "token_revoked",
+        {"reply": "token_revoked", "ok": True, "id": "3f9a1c2e", "info": TOKEN},
+        p.TokenRevoked(id="3f9a1c2e", info=TOKEN_VIEW),
+    ),
+    ("tokens", {"reply": "tokens", "ok": True, "tokens": [TOKEN]}, p.Tokens(tokens=[TOKEN_VIEW])),
     (
         "error",
         {
@@ -627,6 +678,12 @@ def _submit(**fields: Any) -> bytes:
         (_submit(language="EN"), "language code"),
         (_submit(language="e n"), "language code"),
         (_submit(model="m" * 257), "256"),
+        (_submit(prompt="p" * 4097), "4096"),
+        (_submit(prompt="a\x00b"), "NUL"),
+        (_submit(prompt=7), "str"),
+        (_submit(temperature=1.01), "<= 1.0"),
+        (_submit(temperature=-0.1), ">= 0.0"),
+        (_submit(temperature="0.5"), "float"),
         (wire({"op": "status", "limit": 10_001}), "10000"),
         (wire({"op": "status", "ids": list(range(1, 10_002))}), "10000"),
         (wire({"op": "cancel", "ids": list(range(1, 10_002))}), "10000"),
@@ -638,8 +695,10 @@ def _submit(**fields: Any) -> bytes:
     ],
     ids=[
         "name-length", "name-newline", "name-escape", "name-c1", "path-nul", "path-length", "files",
-        "language-length", "language-case", "language-space", "model-length", "status-limit", "status-ids",
-        "cancel-ids", "status-id-2**63", "cancel-id-2**64", "result-id-2**63", "result-id-0", "status-id-neg",
+        "language-length", "language-case", "language-space", "model-length", "prompt-length", "prompt-nul",
+        "prompt-type", "temperature-high", "temperature-negative", "temperature-type", "status-limit",
+        "status-ids", "cancel-ids", "status-id-2**63", "cancel-id-2**64", "result-id-2**63", "result-id-0",
+        "status-id-neg",
     ],
 )  # fmt: skip
 def test_bounds_are_refused_naming_the_limit(line: bytes, fragment: str) -> None:
@@ -653,10 +712,12 @@ def test_bounds_are_refused_naming_the_limit(line: bytes, fragment: str) -> None
     "line",
     [
         _submit(files=[{"name": "é" * 4096, "fd_index": 0}] * 1000, language="zh-hant", model="m" * 256),
+        _submit(prompt="é\n" * 2048, temperature=1),
+        _submit(prompt="", temperature=0),
         wire({"op": "status", "ids": [2**63 - 1] * 10_000, "limit": 10_000}),
         wire({"op": "cancel", "ids": list(range(1, 10_001))}),
     ],
-    ids=["submit-at-limits", "status-at-limits", "cancel-at-limits"],
+    ids=["submit-at-limits", "prompt-at-limits", "prompt-empty", "status-at-limits", "cancel-at-limits"],
 )
 def test_requests_at_the_limits_decode(line: bytes) -> None:
     assert isinstance(p.decode_request(line), p.Submit | p.Status | p.Cancel)
@@ -744,3 +805,16 @@ def test_printable_leaves_nothing_a_terminal_acts_on(text: str) -> None:
     # controls, format characters (bidi), line and paragraph separators, lone surrogates
     acted_on = {"Cc", "Cf", "Zl", "Zp", "Cs"}
     assert not [c for c in p.printable(text) if unicodedata.category(c) in acted_on]
+
+
+@pytest.mark.parametrize("name", ["talk.wav\n", "talk.wav\r\n", "\nwav", "a\u2028b"])
+def test_a_name_ending_or_holding_a_line_break_is_refused(name: str) -> None:
+    line = msgspec.json.encode({"op": "submit", "files": [{"name": name, "fd_index": 0}]})
+    with pytest.raises(BadRequest):
+        p.decode_request(line)
+
+
+def test_a_language_code_with_a_final_newline_is_refused() -> None:
+    line = msgspec.json.encode({"op": "submit", "files": [{"name": "a", "fd_index": 0}], "language": "en\n"})
+    with pytest.raises(BadRequest):
+        p.decode_request(line)
