@@ -6,8 +6,6 @@ store's schema brought from version 2 to 3 (the options' columns) with its jobs.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -16,7 +14,7 @@ import msgspec
 import psycopg
 import pytest
 
-from tests.support.inprocess import FakeClock, build, fake_worker_spawner, until
+from tests.support.inprocess import FakeClock, build, fake_worker_spawner, run_looping, until
 from tests.support.postgres import Cluster
 from whisperd import pg_queue, pg_schema
 from whisperd import protocol as p
@@ -56,21 +54,7 @@ def scenario(tmp_path: Path, cfg: Config, body: Callable[[App, list[list[int]]],
 
     app.fleet.dispatch = recording  # type: ignore[method-assign]
 
-    async def main() -> None:
-        await app.daemon.start()
-        loop = asyncio.create_task(app.daemon.run_until_stopped())
-        try:
-            await body(app, batches)
-        finally:
-            app.daemon.request_stop(15)
-            with contextlib.suppress(asyncio.CancelledError):
-                await loop
-            await app.drain(5)
-
-    try:
-        asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        app.store.close()
+    run_looping(app, lambda: body(app, batches))
 
 
 async def submit(app: App, tmp_path: Path, script: str, **options: object) -> int:

@@ -5,8 +5,6 @@ in the end; each Progress a worker sends carries only the segments decoded since
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.support.inprocess import FakeClock, build, fake_worker_spawner, submit, until
+from tests.support.inprocess import FakeClock, build, fake_worker_spawner, run_looping, submit, until
 from whisperd import protocol as p
 from whisperd import workerproto as wp
 from whisperd.app import App
@@ -57,21 +55,7 @@ def scenario(
     app = build(tmp_path, cfg, clock=FakeClock(), spawner=spawner)
     progresses = Progresses(app)
 
-    async def main() -> None:
-        await app.daemon.start()
-        loop = asyncio.create_task(app.daemon.run_until_stopped())
-        try:
-            await body(app, progresses)
-        finally:
-            app.daemon.request_stop(15)
-            with contextlib.suppress(asyncio.CancelledError):
-                await loop
-            await app.drain(5)
-
-    try:
-        asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        app.store.close()
+    run_looping(app, lambda: body(app, progresses))
 
 
 def config(workers: int = 1, **transcribe: object) -> Config:

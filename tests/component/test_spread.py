@@ -5,13 +5,11 @@ decoded to " w<k>", so a transcript shows which windows were decoded, in which o
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from tests.support.inprocess import FakeClock, build, fake_worker_spawner, submit, until
+from tests.support.inprocess import FakeClock, build, fake_worker_spawner, run_looping, submit, until
 from whisperd import protocol as p
 from whisperd import workerproto as wp
 from whisperd.app import App
@@ -56,21 +54,7 @@ def scenario(tmp_path: Path, cfg: Config, body: Callable[[App, Seen], Awaitable[
     app = build(tmp_path, cfg, clock=FakeClock(), spawner=fake_worker_spawner(tmp_path / "fw", batched=True))
     seen = Seen(app)
 
-    async def main() -> None:
-        await app.daemon.start()
-        loop = asyncio.create_task(app.daemon.run_until_stopped())
-        try:
-            await body(app, seen)
-        finally:
-            app.daemon.request_stop(15)
-            with contextlib.suppress(asyncio.CancelledError):
-                await loop
-            await app.drain(5)
-
-    try:
-        asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        app.store.close()
+    run_looping(app, lambda: body(app, seen))
 
 
 def text(app: App, job_id: int) -> str:

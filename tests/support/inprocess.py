@@ -5,6 +5,7 @@ a probe that reports chosen GPUs, worker processes running the real worker loop 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -134,6 +135,26 @@ def run_started(app: App, body: Callable[[], Awaitable[None]], timeout_s: float 
         try:
             await body()
         finally:
+            await app.drain(5)
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), timeout_s))
+    finally:
+        app.store.close()
+
+
+def run_looping(app: App, body: Callable[[], Awaitable[None]], timeout_s: float = 60.0) -> None:
+    """run_started(), with the daemon's scheduling loop running meanwhile (stopped before the drain)."""
+
+    async def main() -> None:
+        await app.daemon.start()
+        loop = asyncio.create_task(app.daemon.run_until_stopped())
+        try:
+            await body()
+        finally:
+            app.daemon.request_stop(15)
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
             await app.drain(5)
 
     try:
