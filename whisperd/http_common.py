@@ -8,7 +8,6 @@ import functools
 import ipaddress
 import json
 import logging
-import pwd
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -19,7 +18,7 @@ from whisperd import protocol as p
 from whisperd.config import Config
 from whisperd.errors import BadRequest, Unauthorized, WhisperdError
 from whisperd.handlers import Caller
-from whisperd.tokens import TokenBook
+from whisperd.tokens import TokenBook, uid_of
 
 log = logging.getLogger("whisperd.http")
 
@@ -104,12 +103,8 @@ def is_loopback(remote: str | None) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=64)
-def _uid_of(user: str) -> int | None:
-    try:
-        return pwd.getpwnam(user).pw_uid
-    except KeyError:
-        return None
+# the anonymous user's uid, looked up once a name: the user database may be a network service (LDAP)
+_uid_of = functools.lru_cache(maxsize=64)(uid_of)
 
 
 def identify(request: web.Request, tokens: TokenBook | None, config: Config) -> Caller:
@@ -197,6 +192,7 @@ def submit_request(filename: str, options: dict[str, Any]) -> p.Submit:
         raise BadRequest(f"invalid request: {exc}") from None
 
 
+KEEPALIVE_S = 15.0  # a comment line this often on a waiting event stream: proxies drop silent streams
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 

@@ -31,6 +31,7 @@ from whisperd.followers import JobFollowers
 from whisperd.formats import RESPONSE_FORMATS, openai_response
 from whisperd.handlers import Caller, Handlers, is_privileged
 from whisperd.http_common import (
+    KEEPALIVE_S,
     CodedError,
     as_bool,
     as_float,
@@ -43,7 +44,6 @@ from whisperd.http_common import (
 from whisperd.http_intake import Intake
 from whisperd.segmentfeed import SegmentFeed
 
-KEEPALIVE_S = 15.0
 _FIELDS = frozenset({"model", "language", "prompt", "temperature", "task", "priority", "word_timestamps"})
 _encoder = msgspec.json.Encoder()
 

@@ -19,6 +19,7 @@ from whisperd.followers import JobFollowers
 from whisperd.formats import RESPONSE_FORMATS, openai_response
 from whisperd.handlers import Caller, Handlers
 from whisperd.http_common import (
+    KEEPALIVE_S,
     OPENAI_MODEL_ALIASES,
     SSE_HEADERS,
     as_bool,
@@ -34,7 +35,6 @@ from whisperd.http_upload import Form
 from whisperd.jobs import JobState
 from whisperd.segmentfeed import SegmentFeed
 
-KEEPALIVE_S = 15.0  # a comment line this often while a streamed job waits: proxies drop silent streams
 _FIELDS = frozenset({
     "model", "language", "prompt", "response_format", "temperature", "timestamp_granularities[]",
     "timestamp_granularities", "stream", "priority",

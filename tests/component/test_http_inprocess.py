@@ -25,7 +25,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.support.inprocess import build, until
+from tests.support.inprocess import build, run_looping, until
 from whisperd import protocol as p
 from whisperd.app import App
 from whisperd.config import (
@@ -103,24 +103,15 @@ def scenario(
 ) -> None:
     app = build(tmp_path, cfg, clock=time.time)  # a real clock: retries wait out their (short) backoff
 
-    async def main() -> None:
-        await app.daemon.start()
-        loop = asyncio.create_task(app.daemon.run_until_stopped())
+    async def served() -> None:
         client: TestClient[Any, Any] = TestClient(TestServer(app.http_app(False)))  # cancels on disconnect
         await client.start_server()
         try:
             await body(Rig(app, client, tmp_path))
         finally:
             await client.close()
-            app.daemon.request_stop(15)
-            with contextlib.suppress(asyncio.CancelledError):
-                await loop
-            await app.drain(5)
 
-    try:
-        asyncio.run(asyncio.wait_for(main(), timeout_s))
-    finally:
-        app.store.close()
+    run_looping(app, served, timeout_s)
 
 
 def multipart(script: bytes, **fields: str) -> bytes:
